@@ -1,0 +1,175 @@
+"""Equation-of-state and Maxwell-relation fits over a table of stationary states.
+
+The ideal-gas equation of state of SGD on scale-invariant weights is p V = (d - 1) T / 2, that is
+p r^2 = (d - 1) T, with p = wd (elr, lr) or the measured effective weight decay (sphere). The
+Maxwell relations it implies, with S in nats and natural logs:
+
+| protocol | slope                          | theory     |
+|----------|--------------------------------|------------|
+| elr      | dS/d log wd at fixed lr (elr)  | -(d - 1)/2 |
+| lr       | dS/d log lr at fixed wd        | (d - 1)/2  |
+| lr       | dS/d log wd at fixed lr        | 0          |
+| sphere   | dS/d log radius at fixed lr    | d - 1      |
+
+Only stationary, non-diverged points with finite values enter a fit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy import stats
+
+from analysis.thermo import require_columns
+
+# Slopes fitted per protocol: (name, x axis, axis held fixed, theory as a multiple of d - 1).
+MAXWELL_RELATIONS: dict[str, tuple[tuple[str, str, str, float], ...]] = {
+    "elr": (("dS_dlog_wd_at_fixed_lr", "wd", "lr", -0.5),),
+    "lr": (("dS_dlog_lr_at_fixed_wd", "lr", "wd", 0.5), ("dS_dlog_wd_at_fixed_lr", "wd", "lr", 0.0)),
+    "sphere": (("dS_dlog_radius_at_fixed_lr", "radius", "lr", 1.0),),
+}
+MIN_LINE_POINTS = 3
+
+
+def usable_points(points: pl.DataFrame) -> pl.DataFrame:
+    """Return the rows that may enter a fit: stationary, not diverged, finite S, T and r2."""
+    require_columns(points, ("stationary", "diverged", "S", "T", "r2", "p"), "fits")
+    return points.filter(
+        pl.col("stationary").fill_null(False)
+        & ~pl.col("diverged").fill_null(True)
+        & pl.col("S").is_finite()
+        & pl.col("T").is_finite()
+        & pl.col("r2").is_finite()
+        & pl.col("p").is_finite()
+    )
+
+
+def fit_equation_of_state(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    """Compare p r^2 with (d - 1) T per protocol, with the continuous and discrete predictions.
+
+    Returns per protocol: n; median, mean and max of |p r^2 / ((d - 1) T) - 1| (continuous) and of
+    the discrete-step ratio; and a least-squares line log(p r^2) = a + b log((d - 1) T) with b, its
+    standard error and R^2 (theory: b = 1, a = 0).
+    """
+    usable = usable_points(points)
+    out: dict[str, dict[str, Any]] = {}
+    for protocol in sorted(usable["protocol"].unique().to_list()):
+        rows = usable.filter(pl.col("protocol") == protocol)
+        if rows.height == 0:
+            continue
+        ratio = rows["eos_ratio"].to_numpy()
+        result: dict[str, Any] = {"n": rows.height, **_error_stats(ratio, "continuous")}
+        if "eos_ratio_discrete" in rows.columns:
+            result.update(_error_stats(rows["eos_ratio_discrete"].to_numpy(), "discrete"))
+        x = np.log((rows["dim"] - 1).to_numpy() * rows["T"].to_numpy())
+        y = np.log(rows["p"].to_numpy() * rows["r2"].to_numpy())
+        if rows.height >= 3 and np.ptp(x) > 0:
+            fit = stats.linregress(x, y)
+            result.update(
+                loglog_slope=float(fit.slope),
+                loglog_slope_stderr=float(fit.stderr),
+                loglog_intercept=float(fit.intercept),
+                loglog_r2=float(fit.rvalue**2),
+            )
+        out[protocol] = result
+    return out
+
+
+def _error_stats(ratio: np.ndarray, label: str) -> dict[str, float | None]:
+    ratio = ratio[np.isfinite(ratio)]
+    if ratio.size == 0:
+        return {f"{label}_median_abs_rel_error": None, f"{label}_max_abs_rel_error": None, f"{label}_mean_ratio": None}
+    error = np.abs(ratio - 1.0)
+    return {
+        f"{label}_median_abs_rel_error": float(np.median(error)),
+        f"{label}_max_abs_rel_error": float(np.max(error)),
+        f"{label}_mean_ratio": float(np.mean(ratio)),
+    }
+
+
+def maxwell_slopes(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    """Fit S linearly in log x along every grid line where the other axis is fixed.
+
+    A line is the set of usable points sharing protocol, dim, noise, seed and the fixed axis; lines
+    with fewer than 3 points are skipped. Returns, per protocol and relation: the mean slope over
+    lines, its standard deviation across lines and standard error of the mean, the mean of the
+    per-line least-squares standard errors, the number of lines, the theory value, and the
+    per-line slopes.
+    """
+    usable = usable_points(points)
+    out: dict[str, dict[str, Any]] = {}
+    for protocol, relations in MAXWELL_RELATIONS.items():
+        rows = usable.filter(pl.col("protocol") == protocol)
+        if rows.height == 0:
+            continue
+        out[protocol] = {}
+        for name, x_axis, fixed_axis, multiple in relations:
+            out[protocol][name] = _fit_lines(rows, x_axis, fixed_axis, multiple)
+        if protocol == "lr":
+            along_lr = out[protocol]["dS_dlog_lr_at_fixed_wd"]
+            along_wd = out[protocol]["dS_dlog_wd_at_fixed_lr"]
+            if along_lr["slope"] is not None and along_wd["slope"] is not None:
+                out[protocol]["difference"] = {
+                    "slope": along_lr["slope"] - along_wd["slope"],
+                    "slope_sem": math.hypot(along_lr["slope_sem"] or 0.0, along_wd["slope_sem"] or 0.0),
+                    "theory": along_lr["theory"],
+                }
+    return out
+
+
+def _fit_lines(rows: pl.DataFrame, x_axis: str, fixed_axis: str, multiple: float) -> dict[str, Any]:
+    keys = [c for c in ("dim", "noise", "seed", fixed_axis) if c in rows.columns]
+    slopes: list[float] = []
+    stderrs: list[float] = []
+    lines: list[dict[str, Any]] = []
+    dims: set[int] = set()
+    for key, line in rows.group_by(keys, maintain_order=True):
+        line = line.sort(x_axis)
+        x = np.log(line[x_axis].to_numpy().astype(np.float64))
+        if line.height < MIN_LINE_POINTS or np.ptp(x) == 0:
+            continue
+        fit = stats.linregress(x, line["S"].to_numpy())
+        slopes.append(float(fit.slope))
+        stderrs.append(float(fit.stderr))
+        dims.add(int(line["dim"][0]))
+        lines.append({**dict(zip(keys, key)), "slope": float(fit.slope), "stderr": float(fit.stderr), "n": line.height})
+
+    theory = multiple * (dims.pop() - 1) if len(dims) == 1 else None
+    if not slopes:
+        return {"slope": None, "slope_std": None, "slope_sem": None, "n_lines": 0, "theory": theory, "lines": []}
+    values = np.array(slopes)
+    spread = float(values.std(ddof=1)) if values.size > 1 else None
+    return {
+        "slope": float(values.mean()),
+        "slope_std": spread,
+        "slope_sem": spread / math.sqrt(values.size) if spread is not None else float(stderrs[0]),
+        "line_stderr_mean": float(np.mean(stderrs)),
+        "n_lines": int(values.size),
+        "theory": theory,
+        "abs_error": abs(float(values.mean()) - theory) if theory is not None else None,
+        "lines": lines,
+    }
+
+
+def closed_form_agreement(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    """Compare U and S_direction with the small-T closed forms, per protocol.
+
+    Returns the median relative error of U - loss_min against (d - 1) T / 2 and the median
+    absolute error (nats) of S_direction against (d - 1)/2 log(2 pi e T).
+    """
+    usable = usable_points(points)
+    out: dict[str, dict[str, Any]] = {}
+    for protocol in sorted(usable["protocol"].unique().to_list()):
+        rows = usable.filter(pl.col("protocol") == protocol)
+        loss_min = rows["loss_min"].fill_null(0.0).to_numpy() if "loss_min" in rows.columns else 0.0
+        u_error = np.abs((rows["U"].to_numpy() - loss_min) / (rows["U_theory"].to_numpy() - loss_min) - 1.0)
+        s_error = np.abs(rows["S_direction"].to_numpy() - rows["S_direction_theory"].to_numpy())
+        out[protocol] = {
+            "n": rows.height,
+            "U_median_rel_error": float(np.median(u_error)),
+            "S_direction_median_abs_error": float(np.median(s_error)),
+        }
+    return out

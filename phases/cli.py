@@ -1,0 +1,204 @@
+"""Command line: `phases sweep`, `phases fit`, `phases track`. A thin layer over the Python API."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from phases.runtime import apply_environment_defaults
+
+apply_environment_defaults()
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Phase diagrams of SGD training on Ray Tune.")
+console = Console(stderr=True)
+out = Console()
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages from phases.")] = False) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("phases").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="Search-space YAML file.")],
+    name: Annotated[Optional[str], typer.Option(help="Sweep name; the directory is STORAGE/NAME. Default: the spec's name.")] = None,
+    storage: Annotated[str, typer.Option(help="Folder or pyarrow.fs URI (file://, s3://, gs://) that holds sweep directories.")] = "runs",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address to attach to (default: RAY_ADDRESS, else a local Ray on 127.0.0.1).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///STORAGE/mlflow.db).")] = None,
+    max_concurrent: Annotated[Optional[int], typer.Option(min=1, help="Maximum number of trials (chunks) running at once. Default: as many as the CPUs allow.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an existing sweep directory; run only chunks without a part file.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print points, chunks and a cost estimate; start nothing.")] = False,
+    track: Annotated[bool, typer.Option(help="Log the finished sweep to MLflow.")] = True,
+) -> None:
+    """Run a sweep: every chunk of points as a Ray Tune trial, then analysis and MLflow logging."""
+    from phases.spec import SpecError
+    from phases.sweep import SweepError, plan_sweep, run_sweep
+
+    try:
+        plan = plan_sweep(spec, name=name, storage=storage)
+        if dry_run:
+            _print_dry_run(plan)
+            return
+        if track:
+            _warn_if_tracking_unreachable(plan.store, tracking_uri)
+        result = run_sweep(
+            plan.spec, storage=storage, address=address, tracking_uri=tracking_uri,
+            max_concurrent=max_concurrent, resume=resume, track=track, console=console,
+        )
+    except (SpecError, SweepError) as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    _print_result(result)
+    if result.failed_chunks:
+        raise typer.Exit(1)
+
+
+@app.command()
+def fit(sweep_dir: Annotated[str, typer.Argument(help="Sweep directory (local path or URI) with part files.")]) -> None:
+    """Re-run the analysis on a sweep: compact its parts and rewrite points, diagram, fits and plots."""
+    from phases import __version__
+    from phases.results import analyse, compact, write_tables
+    from phases.storage import SweepStore
+
+    import yaml
+
+    store = SweepStore.from_sweep_dir(sweep_dir)
+    if not store.exists("spec.yaml"):
+        console.print(f"[red]error:[/] {store.uri}/spec.yaml not found; is {sweep_dir} a sweep directory written by `phases sweep`?")
+        raise typer.Exit(2)
+    parts = store.list_parts()
+    if not parts:
+        console.print(f"[red]error:[/] {store.uri}/parts holds no finished chunks; run `phases sweep` first")
+        raise typer.Exit(2)
+    trajectories, summaries = compact(store, parts)
+    write_tables(store, trajectories)
+    fits = analyse(store, summaries, yaml.safe_load(store.read_text("spec.yaml")), __version__)
+    _print_fits(fits)
+    out.print(f"analysis written to {store.uri}")
+
+
+@app.command()
+def track(
+    sweep_dir: Annotated[str, typer.Argument(help="Finished sweep directory (local path or URI).")],
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db).")] = None,
+) -> None:
+    """Log a finished sweep to MLflow; runs already logged are not duplicated."""
+    from phases.storage import SweepStore
+    from phases.tracking import TrackingError, default_tracking_uri, log_sweep
+
+    store = SweepStore.from_sweep_dir(sweep_dir)
+    if not store.exists("diagram.parquet"):
+        console.print(f"[red]error:[/] {store.uri}/diagram.parquet not found; finish the sweep or run `phases fit {sweep_dir}` first")
+        raise typer.Exit(2)
+    uri = tracking_uri or default_tracking_uri(store)
+    if uri is None:
+        console.print("[red]error:[/] no tracking URI for remote storage; pass --tracking-uri")
+        raise typer.Exit(2)
+    try:
+        report = log_sweep(store, uri)
+    except TrackingError as exc:
+        console.print(f"[red]error:[/] MLflow logging to {uri} failed: {_escape(str(exc))}")
+        raise typer.Exit(1) from None
+    out.print(
+        f"MLflow {uri}: parent run {report.parent_run_id}; {report.children_created} nested runs created, "
+        f"{report.children_existing} already present"
+    )
+
+
+def _print_dry_run(plan: Any) -> None:
+    from phases.trials import get_kind
+
+    table = Table(title=f"{plan.spec.name}: dry run (nothing started)")
+    for column in ("grid", "protocol", "axes", "points", "chunks", "steps"):
+        table.add_column(column)
+    for index, grid in enumerate(plan.spec.grids):
+        points = [p for p in plan.points if p.grid == index]
+        chunks = [c for c in plan.chunks if c.points[0].grid == index]
+        axes = ", ".join(f"{k}[{len(v)}]" for k, v in grid.axes.items())
+        table.add_row(str(index), grid.protocol, axes, str(len(points)), str(len(chunks)), str(grid.steps or plan.spec.steps))
+    out.print(table)
+    for chunk in plan.chunks:
+        out.print(f"  chunk {chunk.chunk_id}: {len(chunk.points)} points")
+    for point in plan.points:
+        coords = " ".join(f"{k}={v}" for k, v in point.coords.items() if v is not None)
+        out.print(f"  point {point.point_id} {point.protocol} {coords}")
+    seconds = get_kind(plan.spec.kind).estimate_seconds(plan.chunks, plan.spec)
+    workers = max(1, int((os.cpu_count() or 1) // plan.spec.resources.cpu))
+    parallel = min(workers, len(plan.chunks))
+    out.print(
+        f"total: {len(plan.points)} points, {len(plan.chunks)} chunks, "
+        f"{plan.spec.replicas} replicas; estimated compute {seconds:.0f} s on one core, "
+        f"about {seconds / parallel:.0f} s on {parallel} parallel trials here (estimate from a short probe of this machine)"
+    )
+
+
+def _warn_if_tracking_unreachable(store: Any, tracking_uri: str | None) -> None:
+    from phases.tracking import check_tracking, default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(store)
+    if uri is None or uri.startswith("sqlite:"):
+        return
+    problem = check_tracking(uri)
+    if problem:
+        console.print(
+            f"[yellow]warning:[/] MLflow at {uri} is not reachable ({_escape(problem)}); the sweep runs and writes its "
+            f"files, and `phases track {store.uri}` logs it later"
+        )
+
+
+def _print_result(result: Any) -> None:
+    out.print(f"[bold green]done[/] in {result.elapsed_s:.0f} s: {result.n_points} points, {result.chunks_run} chunks run")
+    out.print(f"sweep directory: {result.path}")
+    for name in ("points.parquet", "diagram.parquet", "trajectories.parquet", "fits.json", "plots/"):
+        out.print(f"  {result.path}/{name}")
+    _print_fits(result.fits)
+    if result.failed_chunks:
+        out.print(f"[red]{len(result.failed_chunks)} chunks failed; {len(result.missing_points)} points missing[/] (see failures.json):")
+        for chunk_id, error in result.failed_chunks.items():
+            out.print(f"  {chunk_id}: {_escape(error)}")
+        out.print("rerun the same command (or add --resume) to retry only the missing chunks")
+    if result.tracking_error:
+        out.print(
+            f"[yellow]MLflow logging failed[/] ({_escape(result.tracking_error)}); the files above are complete. "
+            f"Log them later with: phases track {result.path}"
+        )
+    elif result.tracking_uri:
+        out.print(f"MLflow: {result.tracking_uri} (experiment 'phases', parent run {result.parent_run_id})")
+
+
+def _print_fits(fits: dict[str, Any]) -> None:
+    table = Table(title="equation of state and Maxwell relations")
+    for column in ("protocol", "quantity", "measured", "theory"):
+        table.add_column(column)
+    for protocol, eos in fits.get("equation_of_state", {}).items():
+        median = eos.get("continuous_median_abs_rel_error")
+        if median is not None:
+            table.add_row(protocol, "median |p r^2 / ((d-1) T) - 1|", f"{median:.4f}", "0")
+    for protocol, relations in fits.get("maxwell", {}).items():
+        for name, fit in relations.items():
+            if fit.get("slope") is None:
+                continue
+            sem = fit.get("slope_sem")
+            measured = f"{fit['slope']:.4f}" + (f" ± {sem:.4f}" if sem is not None else "")
+            theory = fit.get("theory")
+            table.add_row(protocol, name, measured, "-" if theory is None else f"{theory:.4f}")
+    out.print(table)
+    out.print(f"regimes: {fits.get('regimes')}")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,140 @@
+"""Turn part files into the sweep's tables, run the analysis, and read finished sweeps back.
+
+Writes `trajectories.parquet` (sorted by point_id, step), `points.parquet` (one row per point:
+coordinates, stationary summary and thermodynamics), `diagram.parquet` (points + regimes, with the
+spec and versions in its metadata), `fits.json` and `plots/*.png`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import yaml
+
+from analysis.diagram import build_phase_diagram, diagram_metadata
+from analysis.eos import closed_form_agreement, fit_equation_of_state, maxwell_slopes
+from analysis.plots import write_plots
+from phases.grid import Chunk
+from phases.schema import IDENTITY, PART_SCHEMA, POINTS_SCHEMA, TRAJECTORY, TRAJECTORY_SCHEMA
+from phases.storage import SCHEMA_VERSION, SweepStore, part_name
+from phases.trials.base import ChunkResult
+
+logger = logging.getLogger(__name__)
+
+
+def part_table(chunk: Chunk, result: ChunkResult) -> pa.Table:
+    """Build a chunk's part table: one row per point, its trajectory as a list of structs."""
+    rows: list[dict[str, Any]] = []
+    for point in chunk.points:
+        summary = result.summaries[point.point_id]
+        columns = result.trajectories[point.point_id]
+        length = len(columns["step"])
+        trajectory = [
+            {c.name: _clean(columns[c.name][i]) if c.name in columns else None for c in TRAJECTORY} for i in range(length)
+        ]
+        row = {**point.row(), **{k: _clean(v) for k, v in summary.items()}, "trajectory": trajectory}
+        rows.append({field.name: row.get(field.name) for field in PART_SCHEMA})
+    return pa.Table.from_pylist(rows, schema=PART_SCHEMA)
+
+
+def _clean(value: Any) -> Any:
+    """Map numpy scalars to Python values and non-finite floats to None (a missing measurement)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def compact(store: SweepStore, chunk_ids: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Read the finished parts; return (trajectories, summaries) as polars frames."""
+    tables = [store.read_table(part_name(chunk_id)).cast(PART_SCHEMA) for chunk_id in chunk_ids]
+    if not tables:
+        parts = pl.from_arrow(PART_SCHEMA.empty_table())
+    else:
+        parts = pl.from_arrow(pa.concat_tables(tables))
+    identity = [c.name for c in IDENTITY]
+    trajectories = (
+        parts.select(identity + ["trajectory"]).explode("trajectory").unnest("trajectory").drop_nulls("step").sort(["point_id", "step"])
+    )
+    summaries = parts.drop("trajectory").sort("point_id")
+    return trajectories, summaries
+
+
+def analyse(store: SweepStore, summaries: pl.DataFrame, spec: dict[str, Any], version: str) -> dict[str, Any]:
+    """Run the analysis on the summaries and write points, diagram, fits and plots."""
+    diagram = build_phase_diagram(summaries)
+    points = diagram.select([f.name for f in POINTS_SCHEMA])
+    store.write_table("points.parquet", points.to_arrow().cast(POINTS_SCHEMA))
+    store.write_table("diagram.parquet", diagram.to_arrow(), diagram_metadata(spec, version, SCHEMA_VERSION))
+
+    fits = {
+        "schema_version": SCHEMA_VERSION,
+        "sweep": store.name,
+        "n_points": diagram.height,
+        "n_stationary": int(diagram["stationary"].fill_null(False).sum()),
+        "n_diverged": int(diagram["diverged"].fill_null(False).sum()),
+        "regimes": {row["regime"]: row["len"] for row in diagram.group_by("regime").len().iter_rows(named=True)},
+        "equation_of_state": fit_equation_of_state(diagram),
+        "maxwell": maxwell_slopes(diagram),
+        "closed_forms": closed_form_agreement(diagram),
+    }
+    store.write_json("fits.json", fits)
+    _write_plots(store, diagram)
+    return fits
+
+
+def _write_plots(store: SweepStore, diagram: pl.DataFrame) -> None:
+    if store.is_local:
+        write_plots(diagram, store.local_path("plots"))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write_plots(diagram, tmp):
+            store.write_bytes(f"plots/{path.name}", path.read_bytes())
+
+
+def write_tables(store: SweepStore, trajectories: pl.DataFrame) -> None:
+    store.write_table("trajectories.parquet", trajectories.to_arrow().cast(TRAJECTORY_SCHEMA))
+
+
+@dataclass
+class Sweep:
+    """A finished sweep read back: its tables as polars frames, its fits and resolved spec."""
+
+    path: str
+    spec: dict[str, Any]
+    trajectories: pl.DataFrame
+    points: pl.DataFrame
+    diagram: pl.DataFrame
+    fits: dict[str, Any]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read a sweep directory (local path or URI) written by `run_sweep`.
+
+    Raises FileNotFoundError naming the missing file and how to produce it.
+    """
+    store = SweepStore.from_sweep_dir(path)
+    for name in ("spec.yaml", "points.parquet", "diagram.parquet", "fits.json", "trajectories.parquet"):
+        if not store.exists(name):
+            raise FileNotFoundError(
+                f"{store.uri}/{name} not found; run `phases sweep` to finish the sweep or `phases fit {store.uri}` to redo the analysis"
+            )
+    return Sweep(
+        path=store.uri,
+        spec=yaml.safe_load(store.read_text("spec.yaml")),
+        trajectories=pl.from_arrow(store.read_table("trajectories.parquet")),
+        points=pl.from_arrow(store.read_table("points.parquet")),
+        diagram=pl.from_arrow(store.read_table("diagram.parquet")),
+        fits=store.read_json("fits.json"),
+    )
+
+
+__all__ = ["Sweep", "analyse", "compact", "load_sweep", "part_table", "write_tables"]

@@ -1,0 +1,93 @@
+"""Column names, Arrow types and units of every table a sweep writes.
+
+These names are part of the interface: `docs/schema.md` documents each of them and a test checks
+that it does. A missing measurement is null, never 0 or NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    unit: str
+    description: str
+
+
+IDENTITY = (
+    Column("point_id", pa.string(), "-", "stable hash of the point's settings and coordinates"),
+    Column("kind", pa.string(), "-", "trial kind: isotropic, ..."),
+    Column("protocol", pa.string(), "-", "sphere, elr or lr"),
+    Column("lr", pa.float64(), "1/step", "effective LR elr for sphere and elr; the plain SGD step for lr"),
+    Column("wd", pa.float64(), "1/step", "weight decay lambda (coupled L2); 0 for sphere"),
+    Column("noise", pa.float64(), "loss units", "gradient-noise scale sigma at unit radius"),
+    Column("radius", pa.float64(), "-", "fixed norm ||w|| under sphere; null otherwise"),
+    Column("batch_size", pa.int64(), "samples", "minibatch size; null where the kind has none"),
+    Column("seed", pa.int64(), "-", "seed coordinate of the point"),
+)
+
+TRAJECTORY = (
+    Column("step", pa.int64(), "steps", "SGD steps taken before the measurement"),
+    Column("loss", pa.float64(), "loss units", "training loss, mean over replicas"),
+    Column("loss_std", pa.float64(), "loss units", "standard deviation of the loss over replicas"),
+    Column("radius_norm", pa.float64(), "-", "||w||, mean over replicas"),
+    Column("elr", pa.float64(), "1/step", "effective learning rate lr_t / ||w||^2, mean over replicas"),
+    Column("angular_update", pa.float64(), "rad", "angle the direction turned in the last step, mean over replicas"),
+    Column("grad_norm", pa.float64(), "loss units", "||grad L(w_bar)|| at unit radius, mean over replicas"),
+    Column("noise_trace", pa.float64(), "loss units^2", "tr Sigma of the gradient noise at unit radius"),
+    Column("sigma2", pa.float64(), "loss units^2", "per-direction noise variance tr Sigma / (d - 1)"),
+    Column("test_loss", pa.float64(), "loss units", "held-out loss; null where the kind has no test set"),
+    Column("test_acc", pa.float64(), "fraction", "held-out accuracy; null where the kind has no test set"),
+)
+
+SUMMARY = (
+    Column("dim", pa.int64(), "-", "d, the number of scale-invariant parameters"),
+    Column("replicas", pa.int64(), "-", "independent chains averaged for this point"),
+    Column("window_start", pa.int64(), "steps", "first step of the stationary window"),
+    Column("window_end", pa.int64(), "steps", "last step of the stationary window"),
+    Column("stationary", pa.bool_(), "-", "true when the window halves agree (no drift in ||w||^2 and U)"),
+    Column("diverged", pa.bool_(), "-", "true when any replica's norm became non-finite or exceeded max_radius"),
+    Column("diverged_step", pa.int64(), "steps", "step at which divergence was detected; null otherwise"),
+    Column("U", pa.float64(), "loss units", "internal energy: mean training loss over the window"),
+    Column("U_std", pa.float64(), "loss units", "standard deviation of the loss over the window and replicas"),
+    Column("U_sem", pa.float64(), "loss units", "standard error of U from the spread of replica means"),
+    Column("loss_min", pa.float64(), "loss units", "minimum of the loss on the sphere, where known"),
+    Column("r", pa.float64(), "-", "mean ||w|| over the window"),
+    Column("r2", pa.float64(), "-", "mean ||w||^2 over the window"),
+    Column("r_std", pa.float64(), "-", "standard deviation of ||w|| over the window"),
+    Column("elr_mean", pa.float64(), "1/step", "mean effective learning rate over the window"),
+    Column("angular_update2", pa.float64(), "rad^2", "mean squared change of the unit direction per step"),
+    Column("grad_norm2", pa.float64(), "loss units^2", "mean ||grad L(w_bar)||^2 at unit radius"),
+    Column("noise_trace", pa.float64(), "loss units^2", "tr Sigma at unit radius"),
+    Column("sigma2", pa.float64(), "loss units^2", "tr Sigma / (d - 1)"),
+    Column("lambda_eff", pa.float64(), "1/step", "sphere: effective weight decay (||w after step|| - r) / (elr r^3)"),
+    Column("S_direction", pa.float64(), "nats", "entropy of the direction distribution on the unit sphere (k-NN estimate)"),
+    Column("entropy_samples", pa.int64(), "-", "directions used for the entropy estimate"),
+    Column("drift_r2", pa.float64(), "-", "relative change of mean ||w||^2 between the window halves"),
+    Column("drift_U", pa.float64(), "-", "relative change of U between the window halves"),
+)
+
+THERMO = (
+    Column("T", pa.float64(), "loss units", "temperature: elr sigma^2 / 2 (sphere, elr); sqrt(lr wd sigma^2 / (2 (d - 1))) (lr)"),
+    Column("p", pa.float64(), "1/step", "pressure: wd (elr, lr); measured lambda_eff (sphere)"),
+    Column("V", pa.float64(), "-", "volume r2 / 2"),
+    Column("S", pa.float64(), "nats", "entropy S_direction + (d - 1) log r"),
+    Column("U_theory", pa.float64(), "loss units", "equipartition prediction loss_min + (d - 1) T / 2"),
+    Column("S_direction_theory", pa.float64(), "nats", "small-T prediction (d - 1)/2 log(2 pi e T)"),
+    Column("r2_theory", pa.float64(), "-", "continuous equation of state (d - 1) T / p; for sphere the imposed radius^2"),
+    Column("eos_ratio", pa.float64(), "-", "p r2 / ((d - 1) T); 1 on the equation of state"),
+    Column("eos_ratio_discrete", pa.float64(), "-", "p r2 over the discrete-step prediction with ||grad L||^2 added to tr Sigma"),
+    Column("regime", pa.string(), "-", "equilibrium, divergent or unknown"),
+)
+
+TRAJECTORY_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in IDENTITY + TRAJECTORY])
+POINTS_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in IDENTITY + SUMMARY + THERMO])
+PART_SCHEMA = pa.schema(
+    [pa.field(c.name, c.type) for c in IDENTITY + SUMMARY]
+    + [pa.field("trajectory", pa.list_(pa.struct([pa.field(c.name, c.type) for c in TRAJECTORY])))]
+)
