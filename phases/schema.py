@@ -50,7 +50,7 @@ SUMMARY = (
     Column("replicas", pa.int64(), "-", "independent chains averaged for this point"),
     Column("window_start", pa.int64(), "steps", "first step of the stationary window"),
     Column("window_end", pa.int64(), "steps", "last step of the stationary window"),
-    Column("stationary", pa.bool_(), "-", "true when the window halves agree (no drift in ||w||^2 and U)"),
+    Column("stationary", pa.bool_(), "-", "false when ||w||^2 or U changes between window halves by > 1% with |z| > 4"),
     Column("diverged", pa.bool_(), "-", "true when any replica's norm became non-finite or exceeded max_radius"),
     Column("diverged_step", pa.int64(), "steps", "step at which divergence was detected; null otherwise"),
     Column("U", pa.float64(), "loss units", "internal energy: mean training loss over the window"),
@@ -70,6 +70,8 @@ SUMMARY = (
     Column("entropy_samples", pa.int64(), "-", "directions used for the entropy estimate"),
     Column("drift_r2", pa.float64(), "-", "relative change of mean ||w||^2 between the window halves"),
     Column("drift_U", pa.float64(), "-", "relative change of U between the window halves"),
+    Column("drift_z_r2", pa.float64(), "-", "z-score of the ||w||^2 change between window halves (paired replicas)"),
+    Column("drift_z_U", pa.float64(), "-", "z-score of the U change between window halves (paired replicas)"),
 )
 
 THERMO = (

@@ -143,7 +143,8 @@ class Population:
         shape = (2, self.n_points)
         self.sums = {name: np.zeros(shape) for name in SUM_NAMES}
         self.count = np.zeros(2)
-        self.replica_loss_sum = np.zeros((self.n_points, self.replicas))
+        self.replica_loss_sum = np.zeros((2, self.n_points, self.replicas))  # per window half
+        self.replica_r2_sum = np.zeros((2, self.n_points, self.replicas))
         self.diverged = np.zeros((self.n_points, self.replicas), dtype=bool)
         self.diverged_step = np.full(self.n_points, -1, dtype=np.int64)
         self.snapshots = np.zeros((len(self.snapshot_steps), self.dim, self.n_points, self.replicas))
@@ -220,7 +221,8 @@ class Population:
             excess = (r_new - self.radius) / (self.lr * self.radius**3)
             s["lambda_eff"][half] += excess.sum(axis=1)
         self.count[half] += 1
-        self.replica_loss_sum += loss
+        self.replica_loss_sum[half] += loss
+        self.replica_r2_sum[half] += r2
 
     def _tangent_grad_norm2(self, u: np.ndarray) -> np.ndarray:
         """||grad L(w_bar)||^2 at unit radius, the tangent part only: (P, R)."""
@@ -264,6 +266,7 @@ class Population:
             "w": self.w,
             "count": self.count,
             "replica_loss_sum": self.replica_loss_sum,
+            "replica_r2_sum": self.replica_r2_sum,
             "diverged": self.diverged,
             "diverged_step": self.diverged_step,
             "snapshots": self.snapshots,
@@ -276,6 +279,7 @@ class Population:
         self.w = arrays["w"].copy()
         self.count = arrays["count"].copy()
         self.replica_loss_sum = arrays["replica_loss_sum"].copy()
+        self.replica_r2_sum = arrays["replica_r2_sum"].copy()
         self.diverged = arrays["diverged"].copy()
         self.diverged_step = arrays["diverged_step"].copy()
         self.snapshots = arrays["snapshots"].copy()
@@ -384,7 +388,9 @@ def _summaries(chunk: Chunk, population: Population, spec: SweepSpec) -> dict[st
     total = count.sum() * population.replicas
     sums = {name: value.sum(axis=0) for name, value in population.sums.items()}  # (P,)
     halves = {name: value / np.maximum(count[:, None] * population.replicas, 1) for name, value in population.sums.items()}
-    replica_means = population.replica_loss_sum / max(count.sum(), 1)  # (P, R)
+    replica_means = population.replica_loss_sum.sum(axis=0) / max(count.sum(), 1)  # (P, R)
+    half_loss = population.replica_loss_sum / np.maximum(count, 1)[:, None, None]  # (2, P, R)
+    half_r2 = population.replica_r2_sum / np.maximum(count, 1)[:, None, None]
     samples = population.snapshots  # (S, d, P, R)
 
     out: dict[str, dict[str, Any]] = {}
@@ -425,20 +431,42 @@ def _summaries(chunk: Chunk, population: Population, spec: SweepSpec) -> dict[st
             "entropy_samples": int(directions.shape[0]),
             "drift_r2": _relative_drift(halves["r2"][:, index]),
             "drift_U": _relative_drift(halves["loss"][:, index]),
+            "drift_z_r2": _drift_z(half_r2[:, index]),
+            "drift_z_U": _drift_z(half_loss[:, index]),
         }
-        stationary = measured["drift_r2"] < STATIONARY_DRIFT_R2 and measured["drift_U"] < STATIONARY_DRIFT_U
+        stationary = not (
+            _significant(measured["drift_r2"], measured["drift_z_r2"]) or _significant(measured["drift_U"], measured["drift_z_U"])
+        )
         out[point.point_id] = {**summary, **measured, "stationary": bool(stationary)}
     return out
 
 
-# NOTE: a provisional stationarity check: window halves must agree within these relative
-# tolerances. A statistical test over log-time windows is planned to replace it.
-STATIONARY_DRIFT_R2 = 0.02
-STATIONARY_DRIFT_U = 0.05
+# A point drifts when the change between the window halves is both statistically significant
+# (|z| above DRIFT_Z, z from the paired replica differences) and larger than DRIFT_RELATIVE.
+# NOTE: provisional; a test over log-time windows is planned to replace this two-half check.
+DRIFT_Z = 4.0
+DRIFT_RELATIVE = 0.01
 MEASURED = (
     "U", "U_std", "U_sem", "r", "r2", "r_std", "elr_mean", "angular_update2", "grad_norm2",
-    "lambda_eff", "S_direction", "entropy_samples", "drift_r2", "drift_U",
+    "lambda_eff", "S_direction", "entropy_samples", "drift_r2", "drift_U", "drift_z_r2", "drift_z_U",
 )
+
+
+def _significant(relative: float, z: float | None) -> bool:
+    if z is None:  # a single replica gives no spread: fall back to twice the relative threshold
+        return relative > 2 * DRIFT_RELATIVE
+    return abs(z) > DRIFT_Z and relative > DRIFT_RELATIVE
+
+
+def _drift_z(half_means: np.ndarray) -> float | None:
+    """z-score of the change between window halves from paired per-replica means (2, R)."""
+    differences = half_means[1] - half_means[0]
+    if differences.size < 2:
+        return None
+    spread = differences.std(ddof=1)
+    if spread == 0:
+        return 0.0 if differences.mean() == 0 else float(np.sign(differences.mean()) * np.inf)
+    return float(differences.mean() / (spread / np.sqrt(differences.size)))
 
 
 def _relative_drift(halves: np.ndarray) -> float:
