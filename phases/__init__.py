@@ -6,9 +6,16 @@ Notebook use::
     result = phases.run_sweep("search_spaces/ideal_gas_smoke.yaml", storage="runs")
     sweep = phases.load_sweep(result.path)
     sweep.diagram  # polars DataFrame, one row per point
+
+The public names are imported on first use, so that Ray trial workers, which import this package,
+load only what training needs.
 """
 
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("phases")
@@ -19,19 +26,22 @@ from phases.runtime import apply_environment_defaults  # noqa: E402
 
 apply_environment_defaults()
 
-from phases.results import Sweep, load_sweep  # noqa: E402
-from phases.spec import SpecError, SweepSpec, load  # noqa: E402
-from phases.sweep import SweepError, SweepResult, plan_sweep, run_sweep  # noqa: E402
+_PUBLIC = {
+    "SpecError": "phases.spec",
+    "SweepSpec": "phases.spec",
+    "load": "phases.spec",
+    "Sweep": "phases.results",
+    "load_sweep": "phases.results",
+    "SweepError": "phases.sweep",
+    "SweepResult": "phases.sweep",
+    "plan_sweep": "phases.sweep",
+    "run_sweep": "phases.sweep",
+}
 
-__all__ = [
-    "SpecError",
-    "Sweep",
-    "SweepError",
-    "SweepResult",
-    "SweepSpec",
-    "__version__",
-    "load",
-    "load_sweep",
-    "plan_sweep",
-    "run_sweep",
-]
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'phases' has no attribute {name!r}")

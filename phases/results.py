@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import yaml
@@ -21,36 +20,10 @@ import yaml
 from analysis.diagram import build_phase_diagram, diagram_metadata
 from analysis.eos import closed_form_agreement, fit_equation_of_state, maxwell_slopes
 from analysis.plots import write_plots
-from phases.grid import Chunk
-from phases.schema import IDENTITY, PART_SCHEMA, POINTS_SCHEMA, TRAJECTORY, TRAJECTORY_SCHEMA
+from phases.schema import IDENTITY, PART_SCHEMA, POINTS_SCHEMA, TRAJECTORY_SCHEMA
 from phases.storage import SCHEMA_VERSION, SweepStore, part_name
-from phases.trials.base import ChunkResult
 
 logger = logging.getLogger(__name__)
-
-
-def part_table(chunk: Chunk, result: ChunkResult) -> pa.Table:
-    """Build a chunk's part table: one row per point, its trajectory as a list of structs."""
-    rows: list[dict[str, Any]] = []
-    for point in chunk.points:
-        summary = result.summaries[point.point_id]
-        columns = result.trajectories[point.point_id]
-        length = len(columns["step"])
-        trajectory = [
-            {c.name: _clean(columns[c.name][i]) if c.name in columns else None for c in TRAJECTORY} for i in range(length)
-        ]
-        row = {**point.row(), **{k: _clean(v) for k, v in summary.items()}, "trajectory": trajectory}
-        rows.append({field.name: row.get(field.name) for field in PART_SCHEMA})
-    return pa.Table.from_pylist(rows, schema=PART_SCHEMA)
-
-
-def _clean(value: Any) -> Any:
-    """Map numpy scalars to Python values and non-finite floats to None (a missing measurement)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def compact(store: SweepStore, chunk_ids: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -137,4 +110,4 @@ def load_sweep(path: str | Path) -> Sweep:
     )
 
 
-__all__ = ["Sweep", "analyse", "compact", "load_sweep", "part_table", "write_tables"]
+__all__ = ["Sweep", "analyse", "compact", "load_sweep", "write_tables"]

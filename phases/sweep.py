@@ -20,12 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from phases import __version__
 from phases.grid import Chunk, Point, chunk, expand
-from phases.results import analyse, compact, part_table, write_tables
+from phases.results import analyse, compact, write_tables
 from phases.runtime import apply_environment_defaults, start_ray, stop_ray
 from phases.spec import SweepSpec, load
-from phases.storage import SCHEMA_VERSION, SweepStore, part_name
-from phases.trials import get_kind
-from phases.trials.base import TrialContext, new_state_dir, read_state_dir, write_state_dir
+from phases.storage import SweepStore
+from phases.trial_runner import train_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +175,7 @@ def run_chunks(
             param_space={"chunk_id": tune.grid_search([c.chunk_id for c in chunks])},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=max_concurrent,
+                reuse_actors=True,
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_name,
             ),
@@ -218,43 +218,6 @@ def _progress(console: Console) -> Progress:
         console=console,
         transient=False,
     )
-
-
-def train_chunk(config: dict[str, Any], payload: dict[str, Any]) -> None:
-    """Ray Tune trainable: train one chunk and write its part file atomically."""
-    from ray import tune
-
-    apply_environment_defaults()
-    chunk_ = payload["chunks"][config["chunk_id"]]
-    store = SweepStore(payload["storage"], payload["name"])
-    if store.exists(part_name(chunk_.chunk_id)):
-        tune.report({"done": 1, "points": len(chunk_.points)})
-        return
-    spec = SweepSpec.model_validate(payload["spec"])
-
-    def save_state(arrays: dict, meta: dict) -> None:
-        directory = new_state_dir()
-        write_state_dir(directory, arrays, meta)
-        tune.report({"done": 0, "step": meta.get("step", 0)}, checkpoint=tune.Checkpoint.from_directory(str(directory)))
-
-    def load_state():
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as directory:
-            return read_state_dir(Path(directory))
-
-    context = TrialContext(spec=spec, device=_trial_device(), save_state=save_state, load_state=load_state)
-    result = get_kind(chunk_.points[0].kind).run(chunk_, context)
-    table = part_table(chunk_, result)
-    store.write_table(part_name(chunk_.chunk_id), table, {"phases.schema_version": SCHEMA_VERSION, "phases.chunk_id": chunk_.chunk_id})
-    tune.report({"done": 1, "points": len(chunk_.points)})
-
-
-def _trial_device() -> str:
-    import ray
-
-    return "cuda" if ray.get_gpu_ids() else "cpu"
 
 
 def finish_sweep(

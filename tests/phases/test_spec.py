@@ -147,12 +147,13 @@ def test_cli_rejects_invalid_spec_before_starting(tmp_path, case, data, path, wo
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump(data))
     storage = tmp_path / "runs"
+    ray_was_running = ray.is_initialized()  # another test's Ray may be up; the CLI must not start one
     result = CliRunner().invoke(app, ["sweep", str(spec), "--storage", str(storage)])
     assert result.exit_code == 2
     output = " ".join(result.output.split())
     assert path in output
     assert not storage.exists()
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_was_running
 
 
 def test_cli_subprocess_reports_yaml_error(tmp_path):
