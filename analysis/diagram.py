@@ -1,7 +1,7 @@
 """Assemble the phase diagram and write it as Parquet with its metadata.
 
 The diagram is the table of stationary summaries with thermodynamic quantities, closed-form
-predictions and regime labels, one row per point. Its Parquet key-value metadata holds the
+predictions and regime labels, one row per point. Its Parquet key-value metadata contains the
 resolved spec (`phases.spec`, JSON), the package version (`phases.version`) and the schema
 version (`phases.schema_version`).
 """

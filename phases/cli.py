@@ -30,7 +30,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Search-space YAML file.")],
     name: Annotated[Optional[str], typer.Option(help="Sweep name; the directory is STORAGE/NAME. Default: the spec's name.")] = None,
-    storage: Annotated[str, typer.Option(help="Folder or pyarrow.fs URI (file://, s3://, gs://) that holds sweep directories.")] = "runs",
+    storage: Annotated[str, typer.Option(help="Folder or pyarrow.fs URI (file://, s3://, gs://) that contains sweep directories.")] = "runs",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address to attach to (default: RAY_ADDRESS, else a local Ray on 127.0.0.1).")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///STORAGE/mlflow.db).")] = None,
     max_concurrent: Annotated[Optional[int], typer.Option(min=1, help="Maximum number of trials (chunks) running at once. Default: as many as the CPUs allow.")] = None,
@@ -76,7 +76,7 @@ def fit(sweep_dir: Annotated[str, typer.Argument(help="Sweep directory (local pa
         raise typer.Exit(2)
     parts = store.list_parts()
     if not parts:
-        console.print(f"[red]error:[/] {store.uri}/parts holds no finished chunks; run `phases sweep` first")
+        console.print(f"[red]error:[/] {store.uri}/parts contains no finished chunks; run `phases sweep` first")
         raise typer.Exit(2)
     trajectories, summaries = compact(store, parts)
     write_tables(store, trajectories)

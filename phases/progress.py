@@ -8,7 +8,7 @@ from ray import tune
 from rich.progress import Progress
 
 # Progress bars are kept here, not on the callback, because Tune pickles its run config
-# (callbacks included) and a rich Progress holds locks.
+# (callbacks included) and a rich Progress contains locks, which cannot be pickled.
 _PROGRESS: dict[int, tuple[Progress, Any]] = {}
 
 

@@ -1,7 +1,7 @@
 """Run a sweep: chunks as Ray Tune trials, then compaction, analysis and MLflow tracking.
 
 One trial per chunk, FIFO scheduling (every point gets the same budget), bounded concurrency and
-retries through `tune.FailureConfig`. A trial writes `parts/<chunk_id>.parquet` atomically; a chunk
+retries through `tune.FailureConfig`. A trial writes `parts/<chunk_id>.parquet` atomically. A chunk
 whose part file exists is done, so re-running the same spec into the same directory (or
 `--resume`) runs only the missing chunks.
 """
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 class SweepError(RuntimeError):
-    """A sweep that cannot start or continue; the message says what to do."""
+    """A sweep that cannot start or continue. The message explains what to do next."""
 
 
 @dataclass
@@ -49,7 +49,7 @@ class SweepPlan:
 
 @dataclass
 class SweepResult:
-    """What `run_sweep` did and where the results are."""
+    """Outcome of `run_sweep`: the sweep directory, failures, fits and the MLflow run."""
 
     path: str
     n_points: int
@@ -93,8 +93,8 @@ def run_sweep(
     MLFLOW_TRACKING_URI, else `sqlite:///<storage>/mlflow.db` for local storage). resume: require an
     existing sweep directory and run only its missing chunks.
 
-    Raises SpecError for a bad spec and SweepError for a directory that holds another sweep, both
-    before any Ray work starts.
+    Raises SpecError for an invalid spec and SweepError for a directory that contains another sweep,
+    both before any Ray work starts.
     """
     apply_environment_defaults()
     console = console or Console(stderr=True)
@@ -125,19 +125,19 @@ def run_sweep(
 
 
 def prepare_directory(plan: SweepPlan, *, resume: bool) -> None:
-    """Create the sweep directory or check that it holds this same sweep."""
+    """Create the sweep directory, or check that an existing one contains this same sweep."""
     store = plan.store
     digest = plan.spec.digest()
     if store.exists("sweep.json"):
         existing = store.read_json("sweep.json")
         if existing.get("spec_digest") != digest:
             raise SweepError(
-                f"{store.uri} already holds sweep {existing.get('name')!r} with other settings "
+                f"{store.uri} already contains sweep {existing.get('name')!r} with other settings "
                 f"(spec digest {existing.get('spec_digest')} here, {digest} requested); "
                 "choose another --name or --storage, or delete that directory"
             )
     elif resume:
-        raise SweepError(f"nothing to resume: {store.uri} holds no sweep; run without --resume to start it")
+        raise SweepError(f"nothing to resume: {store.uri} contains no sweep; run without --resume to start it")
     else:
         store.makedirs()
         store.write_json(

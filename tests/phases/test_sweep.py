@@ -135,7 +135,7 @@ def test_other_spec_into_same_directory_rejected(smoke):
     storage, _ = smoke
     data = yaml.safe_load(SMOKE_SPEC.read_text())
     data["steps"] = 999
-    with pytest.raises(SweepError, match="already holds sweep 'ideal_gas_smoke' with other settings"):
+    with pytest.raises(SweepError, match="already contains sweep 'ideal_gas_smoke' with other settings"):
         run_sweep(load(data), storage=storage)
 
 
