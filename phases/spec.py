@@ -103,6 +103,7 @@ class SweepSpec(_Model):
     chunk_size: int = Field(32, ge=1, description="points per Ray Tune trial")
     resources: Resources = Resources()
     max_failures: int = Field(2, ge=0, description="retries of a failed trial before it is recorded as failed")
+    checkpoint_every_s: float = Field(60.0, gt=0, description="seconds between checkpoints of a running trial")
     grids: list[Grid] = Field(min_length=1, description="grids, one protocol each")
 
     @field_validator("name")
@@ -133,6 +134,7 @@ class SweepSpec(_Model):
         data.pop("name")
         data.pop("resources")
         data.pop("max_failures")
+        data.pop("checkpoint_every_s")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

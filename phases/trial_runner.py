@@ -40,7 +40,9 @@ def train_chunk(config: dict[str, Any], payload: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             return read_state_dir(Path(directory))
 
-    context = TrialContext(spec=spec, device=_trial_device(), save_state=save_state, load_state=load_state)
+    context = TrialContext(
+        spec=spec, device=_trial_device(), save_state=save_state, load_state=load_state, checkpoint_every_s=spec.checkpoint_every_s
+    )
     result = get_kind(chunk_.points[0].kind).run(chunk_, context)
     table = part_table(chunk_, result)
     store.write_table(part_name(chunk_.chunk_id), table, {"phases.schema_version": SCHEMA_VERSION, "phases.chunk_id": chunk_.chunk_id})

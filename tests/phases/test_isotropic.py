@@ -136,3 +136,38 @@ def test_landscape_gradient_is_tangent():
     tangent = grad - np.sum(grad * u, axis=0) * u
     assert np.allclose(np.sum(tangent * u, axis=0), 0.0, atol=1e-12)
     assert landscape.value(-landscape.mu) == pytest.approx(np.zeros((1, 1)), abs=1e-12)
+
+
+class _TrialCrashed(Exception):
+    pass
+
+
+def test_retried_trial_continues_from_checkpoint(tmp_path):
+    # A trial that dies after its second checkpoint and is retried with that checkpoint ends with
+    # exactly the results of an uninterrupted run: the kind restores its state, RNG included.
+    from phases.trials.base import read_state_dir, write_state_dir
+
+    spec = _spec("elr", {"lr": [0.05], "wd": [0.1, 1.0]}, steps=6000, replicas=8)
+    part = chunk(expand(spec), 100)[0]
+    kind = get_kind("isotropic")
+    straight = kind.run(part, TrialContext(spec))
+
+    saved: list[int] = []
+
+    def save_then_crash(arrays, meta):
+        write_state_dir(tmp_path, arrays, meta)
+        saved.append(meta["step"])
+        if len(saved) == 2:
+            raise _TrialCrashed
+
+    crashing = TrialContext(spec, save_state=save_then_crash, checkpoint_every_s=0.0)
+    with pytest.raises(_TrialCrashed):
+        kind.run(part, crashing)
+    assert 0 < saved[-1] < 6000
+
+    retried = kind.run(part, TrialContext(spec, load_state=lambda: read_state_dir(tmp_path)))
+    for point in part.points:
+        for key, value in straight.summaries[point.point_id].items():
+            assert retried.summaries[point.point_id][key] == value, key
+        for key, column in straight.trajectories[point.point_id].items():
+            assert np.array_equal(retried.trajectories[point.point_id][key], column), key

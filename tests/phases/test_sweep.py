@@ -10,7 +10,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from typer.testing import CliRunner
+
 from phases import load_sweep, run_sweep
+from phases.cli import app
 from phases.schema import POINTS_SCHEMA, TRAJECTORY_SCHEMA
 from phases.spec import load
 from phases.sweep import SweepError, plan_sweep
@@ -142,3 +145,37 @@ def test_other_spec_into_same_directory_rejected(smoke):
 def test_resume_requires_existing_directory(tmp_path):
     with pytest.raises(SweepError, match="nothing to resume"):
         run_sweep(SMOKE_SPEC, storage=tmp_path, resume=True)
+
+
+def test_fit_command_rewrites_analysis(smoke):
+    storage, result = smoke
+    sweep_dir = storage / "ideal_gas_smoke"
+    (sweep_dir / "fits.json").unlink()
+    (sweep_dir / "diagram.parquet").unlink()
+    fitted = CliRunner().invoke(app, ["fit", str(sweep_dir)])
+    assert fitted.exit_code == 0, fitted.output
+    again = load_sweep(sweep_dir)
+    assert again.fits["maxwell"] == result.fits["maxwell"]
+    assert again.diagram.height == result.n_points
+
+
+def test_fit_command_rejects_non_sweep_directory(tmp_path):
+    fitted = CliRunner().invoke(app, ["fit", str(tmp_path)])
+    assert fitted.exit_code == 2
+    assert "spec.yaml not found" in " ".join(fitted.output.split())
+
+
+def test_dry_run_starts_nothing(tmp_path):
+    import ray
+
+    ray_was_running = ray.is_initialized()
+    storage = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["sweep", str(SMOKE_SPEC), "--storage", str(storage), "--dry-run"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0, output
+    n_points = len(plan_sweep(SMOKE_SPEC, storage=storage).points)
+    assert output.count(" point ") == n_points
+    assert f"total: {n_points} points" in output
+    assert "estimated compute" in output
+    assert not storage.exists()
+    assert ray.is_initialized() == ray_was_running
