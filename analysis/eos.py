@@ -35,13 +35,14 @@ MIN_LINE_POINTS = 3
 
 
 def usable_points(points: pl.DataFrame) -> pl.DataFrame:
-    """Return the rows that may enter a fit: stationary, not diverged, finite S, T and r2."""
+    """Return the rows that may enter a fit: stationary, not diverged, finite S, r2 and p, T > 0."""
     require_columns(points, ("stationary", "diverged", "S", "T", "r2", "p"), "fits")
     return points.filter(
         pl.col("stationary").fill_null(False)
         & ~pl.col("diverged").fill_null(True)
         & pl.col("S").is_finite()
         & pl.col("T").is_finite()
+        & (pl.col("T") > 0)
         & pl.col("r2").is_finite()
         & pl.col("p").is_finite()
     )

@@ -16,16 +16,25 @@ from analysis.eos import usable_points  # noqa: E402
 HEATMAP_QUANTITIES = (("U", "U (loss)"), ("T", "T (loss units)"), ("S", "S (nats)"))
 
 
-def write_plots(diagram: pl.DataFrame, directory: str | Path) -> list[Path]:
+REGIME_COLOURS = {"converged": "#1b9e77", "equilibrium": "#7570b3", "divergent": "#d95f02", "unknown": "#bbbbbb"}
+
+
+def write_plots(diagram: pl.DataFrame, directory: str | Path, fits: dict | None = None) -> list[Path]:
     """Write every figure the diagram supports into `directory`; returns the written paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for protocol in sorted(diagram["protocol"].unique().to_list()):
+        written.append(regime_map(diagram.filter(pl.col("protocol") == protocol), protocol, directory / f"regimes_{protocol}.png"))
+    for index, entry in enumerate((fits or {}).get("temperature", [])):
+        if "points" in entry:
+            written.append(temperature_panels(diagram, entry, directory / f"temperature_{index}.png"))
+    for protocol in sorted(diagram["protocol"].unique().to_list()):
         path = heatmaps(diagram.filter(pl.col("protocol") == protocol), protocol, directory / f"heatmaps_{protocol}.png")
         if path:
             written.append(path)
-    usable = usable_points(diagram)
+    # Log-log figures need positive T and p r^2; a converged point at zero noise has T = 0.
+    usable = usable_points(diagram).filter((pl.col("T") > 0) & (pl.col("p") * pl.col("r2") > 0))
     if usable.height:
         written.append(equation_of_state_collapse(usable, directory / "equation_of_state.png"))
         for protocol, x_axis, fixed in (("elr", "wd", "lr"), ("lr", "wd", "lr"), ("sphere", "radius", "lr")):
@@ -100,6 +109,81 @@ def entropy_lines(rows: pl.DataFrame, x_axis: str, fixed: str, path: Path) -> Pa
     ax.set_ylabel("S (nats)")
     ax.set_title(f"{protocol}: entropy against {x_axis}")
     ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def regime_map(rows: pl.DataFrame, protocol: str, path: Path) -> Path:
+    """Regime of every point over lr x wd (radius for sphere), one panel per noise value."""
+    y_axis = "radius" if protocol == "sphere" else "wd"
+    noises = sorted(rows["noise"].unique().to_list(), key=lambda v: (v is None, v))
+    fig, axes = plt.subplots(1, len(noises), figsize=(5 * len(noises), 4), squeeze=False)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.88, wspace=0.3)
+    for ax, noise in zip(axes[0], noises):
+        panel = rows.filter(pl.col("noise") == noise) if noise is not None else rows.filter(pl.col("noise").is_null())
+        y_values = panel[y_axis].fill_null(1.0).to_numpy()
+        for regime, colour in REGIME_COLOURS.items():
+            chosen = panel["regime"].to_numpy() == regime
+            if chosen.any():
+                ax.scatter(panel["lr"].to_numpy()[chosen], y_values[chosen], c=colour, s=40, marker="s", label=regime)
+        ax.set_xscale("log")
+        if np.all(y_values > 0) and np.ptp(y_values) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("lr")
+        ax.set_ylabel(y_axis)
+        ax.set_title(f"{protocol}: regimes, noise = {noise}")
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def temperature_panels(diagram: pl.DataFrame, entry: dict, path: Path) -> Path:
+    """U and S against lr, T(lr) with its interval band and power law, and F(lr') for several T."""
+    table = pl.DataFrame(entry["points"]).sort("lr")
+    lr = table["lr"].to_numpy()
+    line = diagram.filter(pl.col("protocol") == "sphere")
+    for key in ("radius", "noise", "batch_size", "seed"):
+        if key in entry and key in line.columns:
+            line = line.filter(pl.col(key) == entry[key]) if entry[key] is not None else line.filter(pl.col(key).is_null())
+    line = line.sort("lr")
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.14, top=0.88, wspace=0.3)
+    for ax, quantity in zip(axes[:2], ("U", "S")):
+        for regime, colour in REGIME_COLOURS.items():
+            chosen = line.filter(pl.col("regime") == regime)
+            if chosen.height:
+                ax.plot(chosen["lr"].to_numpy(), chosen[quantity].to_numpy(), "o", color=colour, ms=4, label=regime)
+        ax.set_xscale("log")
+        ax.set_xlabel("lr")
+        ax.set_ylabel(quantity)
+        ax.legend(fontsize=7)
+    T = table["T"].to_numpy().astype(float)
+    low = table["T_min"].to_numpy().astype(float)
+    high = table["T_max"].to_numpy().astype(float)
+    axes[2].fill_between(lr, low, high, alpha=0.3, label="[T_min, T_max]")
+    axes[2].plot(lr, T, "o-", ms=4, label="T (free energy)")
+    law = entry.get("power_law", {})
+    if "k" in law:
+        axes[2].plot(lr, law["b"] * lr ** law["k"], "k--", lw=1, label=f"T = {law['b']:.3g} lr^{law['k']:.2f}")
+    axes[2].set_xscale("log")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("lr")
+    axes[2].set_ylabel("T (loss units)")
+    axes[2].legend(fontsize=7)
+    U_s, S_s = line["U"].to_numpy(), line["S"].to_numpy()
+    equilibrium = line["regime"].to_numpy() == "equilibrium"
+    for T_ref in T[np.isfinite(T)][:: max(1, int(np.isfinite(T).sum() // 4))]:
+        F = U_s[equilibrium] - T_ref * S_s[equilibrium]
+        curve = axes[3].plot(line["lr"].to_numpy()[equilibrium], F - F.min(), "-", lw=1, label=f"T = {T_ref:.2g}")
+        axes[3].plot(line["lr"].to_numpy()[equilibrium][np.argmin(F)], 0.0, "v", color=curve[0].get_color())
+    axes[3].set_xscale("log")
+    axes[3].set_xlabel("lr'")
+    axes[3].set_ylabel("F(lr') - min F")
+    axes[3].set_title("free energy U - T S")
+    axes[3].legend(fontsize=7)
+    fig.suptitle("sphere: " + ", ".join(f"{k} = {entry[k]}" for k in ("radius", "noise", "batch_size", "seed") if k in entry))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -80,7 +80,7 @@ def fit(sweep_dir: Annotated[str, typer.Argument(help="Sweep directory (local pa
         raise typer.Exit(2)
     trajectories, summaries = compact(store, parts)
     write_tables(store, trajectories)
-    fits = analyse(store, summaries, yaml.safe_load(store.read_text("spec.yaml")), __version__)
+    fits = analyse(store, summaries, yaml.safe_load(store.read_text("spec.yaml")), __version__, trajectories)
     _print_fits(fits)
     out.print(f"analysis written to {store.uri}")
 

@@ -41,9 +41,12 @@ def compact(store: SweepStore, chunk_ids: list[str]) -> tuple[pl.DataFrame, pl.D
     return trajectories, summaries
 
 
-def analyse(store: SweepStore, summaries: pl.DataFrame, spec: dict[str, Any], version: str) -> dict[str, Any]:
-    """Run the analysis on the summaries and write points, diagram, fits and plots."""
-    diagram = build_phase_diagram(summaries)
+def analyse(
+    store: SweepStore, summaries: pl.DataFrame, spec: dict[str, Any], version: str, trajectories: pl.DataFrame | None = None
+) -> dict[str, Any]:
+    """Run the analysis on the summaries (and trajectories) and write points, diagram, fits and plots."""
+    diagram, extras = build_phase_diagram(summaries, trajectories)
+    diagram = _with_schema_columns(diagram)
     points = diagram.select([f.name for f in POINTS_SCHEMA])
     store.write_table("points.parquet", points.to_arrow().cast(POINTS_SCHEMA))
     store.write_table("diagram.parquet", diagram.to_arrow(), diagram_metadata(spec, version, SCHEMA_VERSION))
@@ -58,18 +61,31 @@ def analyse(store: SweepStore, summaries: pl.DataFrame, spec: dict[str, Any], ve
         "equation_of_state": fit_equation_of_state(diagram),
         "maxwell": maxwell_slopes(diagram),
         "closed_forms": closed_form_agreement(diagram),
+        "temperature": extras["temperature"],
+        "trajectory_temperature": diagram.filter(pl.col("T_trajectory").is_not_null())
+        .select("point_id", "protocol", "lr", "wd", "radius", "noise", "regime", "T_trajectory")
+        .sort("lr")
+        .to_dicts(),
+        "boundaries": extras["boundaries"],
     }
     store.write_json("fits.json", fits)
-    _write_plots(store, diagram)
+    _write_plots(store, diagram, fits)
     return fits
 
 
-def _write_plots(store: SweepStore, diagram: pl.DataFrame) -> None:
+def _with_schema_columns(diagram: pl.DataFrame) -> pl.DataFrame:
+    """Add every points.parquet column the analysis did not produce, as nulls of its type."""
+    empty = pl.from_arrow(POINTS_SCHEMA.empty_table())
+    missing = [pl.lit(None, dtype=empty.schema[name]).alias(name) for name in empty.columns if name not in diagram.columns]
+    return diagram.with_columns(missing) if missing else diagram
+
+
+def _write_plots(store: SweepStore, diagram: pl.DataFrame, fits: dict[str, Any]) -> None:
     if store.is_local:
-        write_plots(diagram, store.local_path("plots"))
+        write_plots(diagram, store.local_path("plots"), fits)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        for path in write_plots(diagram, tmp):
+        for path in write_plots(diagram, tmp, fits):
             store.write_bytes(f"plots/{path.name}", path.read_bytes())
 
 

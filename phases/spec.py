@@ -65,6 +65,7 @@ class EntropySettings(_Model):
 
     k: int = Field(1, ge=1, description="neighbour order of the Kozachenko-Leonenko estimator")
     snapshots: int = Field(8, ge=1, description="ensemble snapshots per replica, evenly spaced over the window")
+    trajectory: bool = Field(False, description="also estimate the ensemble's entropy at every logging step")
 
 
 class Resources(_Model):

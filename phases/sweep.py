@@ -232,7 +232,7 @@ def finish_sweep(
 
     trajectories, summaries = compact(store, [c for c in plan.chunk_ids if c in finished])
     write_tables(store, trajectories)
-    fits = analyse(store, summaries, plan.spec.resolved(), __version__)
+    fits = analyse(store, summaries, plan.spec.resolved(), __version__, trajectories)
 
     result = SweepResult(store.uri, len(plan.points), len(plan.chunks), 0, failed, missing_points, fits)
     if track:

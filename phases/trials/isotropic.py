@@ -10,7 +10,9 @@ with lr_t per protocol: `sphere` lr_t = elr * r0^2 and wd = 0, then w is rescale
 effective learning rate elr = lr_t / ||w||^2 for `sphere` and `elr`, and the plain step for `lr`.
 
 Losses on the unit direction u = w / ||w||: `linear` L = 1 + <mu, u> (mu a random unit vector;
-L_min = 0; its Gibbs law is von Mises-Fisher) and `quadratic` L = 1/2 u^T A u with A diagonal.
+L_min = 0; its Gibbs law is von Mises-Fisher), `quadratic` L = 1/2 u^T A u with A diagonal, and
+`finite_sum` L = mean_i (a_i^T u)^2 over a list of objects a_i, where each step's gradient comes
+from `batch_size` objects drawn uniformly with replacement (the minibatch noise of a finite sum).
 """
 
 from __future__ import annotations
@@ -43,12 +45,16 @@ class IsotropicParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dim: int = Field(3, ge=2, description="dimension d of w; the direction lives on S^{d-1}")
-    loss: Literal["linear", "quadratic"] = Field("linear", description="landscape on the sphere")
+    loss: Literal["linear", "quadratic", "finite_sum"] = Field("linear", description="landscape on the sphere")
     eigenvalues: list[float] | None = Field(
         None, description="quadratic loss: diagonal of A (length dim); default [0, 1, ..., 1]"
     )
+    objects: list[list[float]] | None = Field(
+        None, description="finite_sum loss: the vectors a_i (each of length dim), used as given"
+    )
     landscape_seed: int = Field(44, ge=0, description="seed of the linear loss direction mu")
     init_seed: int = Field(42, ge=0, description="seed of the initial direction, shared by all points")
+    init_direction: list[float] | None = Field(None, description="initial direction (length dim); overrides init_seed")
     radius0: float = Field(1.0, gt=0, description="initial ||w|| under elr and lr (sphere starts at its radius)")
     max_radius: float = Field(1e8, gt=0, description="a replica whose ||w|| exceeds this has diverged")
 
@@ -59,6 +65,16 @@ class IsotropicParams(BaseModel):
                 raise ValueError("eigenvalues apply only to loss: quadratic")
             if len(self.eigenvalues) != self.dim:
                 raise ValueError(f"eigenvalues has {len(self.eigenvalues)} entries; it needs dim = {self.dim}")
+        if self.loss == "finite_sum":
+            if not self.objects:
+                raise ValueError("loss: finite_sum needs `objects`, a non-empty list of vectors of length dim")
+            lengths = sorted({len(a) for a in self.objects})
+            if lengths != [self.dim]:
+                raise ValueError(f"every object needs dim = {self.dim} entries, got lengths {lengths}")
+        elif self.objects is not None:
+            raise ValueError("objects apply only to loss: finite_sum")
+        if self.init_direction is not None and (len(self.init_direction) != self.dim or not any(self.init_direction)):
+            raise ValueError(f"init_direction needs dim = {self.dim} entries, not all zero")
         return self
 
     def eigenvalue_array(self) -> np.ndarray:
@@ -72,31 +88,83 @@ class Landscape:
     """The loss on the unit sphere: value and tangent-projected gradient at unit radius."""
 
     loss: str
-    mu: np.ndarray  # (d, 1, 1) linear: the direction of steepest ascent; quadratic: unused
-    eigenvalues: np.ndarray  # (d, 1, 1)
+    mu: np.ndarray  # (d, 1, 1) linear: the direction of steepest ascent; otherwise unused
+    eigenvalues: np.ndarray  # (d, 1, 1) quadratic: diagonal of A
+    objects: np.ndarray  # (n, d) finite_sum: the vectors a_i; otherwise (0, d)
 
     @classmethod
     def from_params(cls, params: IsotropicParams) -> "Landscape":
         rng = np.random.default_rng(params.landscape_seed)
         mu = rng.standard_normal(params.dim)
         mu /= np.linalg.norm(mu)
-        return cls(params.loss, mu[:, None, None], params.eigenvalue_array()[:, None, None])
+        objects = np.asarray(params.objects, dtype=np.float64) if params.objects else np.zeros((0, params.dim))
+        return cls(params.loss, mu[:, None, None], params.eigenvalue_array()[:, None, None], objects)
 
     @property
-    def min_loss(self) -> float:
-        return 0.0 if self.loss == "linear" else 0.5 * float(self.eigenvalues.min())
+    def min_loss(self) -> float | None:
+        """Minimum of L on the sphere: 0 (linear), min(A)/2 (quadratic), the least eigenvalue of
+        mean_i a_i a_i^T (finite_sum)."""
+        if self.loss == "linear":
+            return 0.0
+        if self.loss == "quadratic":
+            return 0.5 * float(self.eigenvalues.min())
+        return float(np.linalg.eigvalsh(self.second_moment).min())
+
+    @property
+    def second_moment(self) -> np.ndarray:
+        """M = mean_i a_i a_i^T (d, d); the finite-sum loss is u^T M u."""
+        return self.objects.T @ self.objects / len(self.objects)
 
     def raw_gradient(self, u: np.ndarray) -> np.ndarray:
-        """Euclidean gradient of L at unit directions u (d, P, R), before projection."""
+        """Euclidean gradient of the full loss L at unit directions u (d, P, R), before projection."""
         if self.loss == "linear":
             return self.mu
-        return u * self.eigenvalues
+        if self.loss == "quadratic":
+            return u * self.eigenvalues
+        return 2.0 * np.tensordot(self.second_moment, u, axes=1)
+
+    def minibatch_gradient(self, u: np.ndarray, rng: np.random.Generator, batch: np.ndarray) -> np.ndarray:
+        """Gradient of one minibatch per replica (d, P, R); deterministic unless finite_sum.
+
+        batch: (P, 1) integer minibatch sizes. Each replica draws max(batch) objects uniformly with
+        replacement and keeps the first batch[p] of them.
+        """
+        if self.loss != "finite_sum":
+            return self.raw_gradient(u)
+        largest = int(batch.max())
+        index = rng.integers(len(self.objects), size=(largest,) + u.shape[1:])  # (B, P, R)
+        picked = self.objects.T[:, index]  # (d, B, P, R)
+        projections = np.sum(picked * u[:, None], axis=0)  # (B, P, R)
+        weights = (np.arange(largest)[:, None, None] < batch[None]) / batch[None]  # (B, P, 1)
+        return 2.0 * np.sum(picked * (projections * weights)[None], axis=1)
+
+    def minibatch_noise_trace(self, u: np.ndarray, batch: np.ndarray) -> np.ndarray:
+        """tr of the minibatch-gradient covariance at unit radius, tangent part (P, R); 0 unless finite_sum.
+
+        For a batch of B objects drawn with replacement it is the one-object trace divided by B.
+        """
+        if self.loss != "finite_sum":
+            return np.zeros(u.shape[1:])
+        full = _tangent(self.raw_gradient(u), u)
+        total = np.zeros(u.shape[1:])
+        for a in self.objects:
+            per_object = _tangent(2.0 * np.tensordot(a, u, axes=1)[None] * a[:, None, None], u)
+            total += np.sum((per_object - full) ** 2, axis=0)
+        return total / len(self.objects) / batch
 
     def value(self, u: np.ndarray) -> np.ndarray:
         """Loss at unit directions u (d, P, R): (P, R)."""
         if self.loss == "linear":
             return 1.0 + np.sum(u * self.mu, axis=0)
-        return 0.5 * np.sum(u * u * self.eigenvalues, axis=0)
+        if self.loss == "quadratic":
+            return 0.5 * np.sum(u * u * self.eigenvalues, axis=0)
+        return np.sum(u * np.tensordot(self.second_moment, u, axes=1), axis=0)
+
+
+def _tangent(vector: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Project vectors (d, P, R) onto the tangent spaces at unit directions u (d, P, R)."""
+    vector = np.broadcast_to(vector, u.shape)
+    return vector - np.sum(vector * u, axis=0) * u
 
 
 class Population:
@@ -125,9 +193,15 @@ class Population:
         self.wd = column("wd") if self.protocol != "sphere" else np.zeros_like(self.lr)
         self.sigma = column("noise", 1.0)
         self.radius = column("radius", 1.0)
+        self.batch = column("batch_size", 1.0).astype(np.int64)  # (P, 1); only finite_sum samples objects
+        self.entropy_k = spec.entropy.k
+        self.trajectory_entropy = spec.entropy.trajectory
 
         start_radius = self.radius if self.protocol == "sphere" else np.full_like(self.lr, params.radius0)
-        init = np.random.default_rng(params.init_seed).standard_normal(self.dim)
+        if params.init_direction is not None:
+            init = np.asarray(params.init_direction, dtype=np.float64)
+        else:
+            init = np.random.default_rng(params.init_seed).standard_normal(self.dim)
         init /= np.linalg.norm(init)
         self.init_direction = init
         shape = (self.dim, self.n_points, self.replicas)
@@ -179,7 +253,7 @@ class Population:
         # Gradient and noise are both tangent, so one projection serves both. (d, P, R)
         v = self.rng.standard_normal(self.w.shape)
         v *= self.sigma
-        v += self.landscape.raw_gradient(u)
+        v += self.landscape.minibatch_gradient(u, self.rng, self.batch)
         v -= np.sum(v * u, axis=0) * u
 
         if self.protocol == "elr":
@@ -216,6 +290,8 @@ class Population:
         s["elr"][half] += np.broadcast_to(lr_t / r2, r2.shape).sum(axis=1)
         s["angular2"][half] += np.sum((u_new - u) ** 2, axis=0).sum(axis=1)
         s["grad2"][half] += self._tangent_grad_norm2(u).sum(axis=1)
+        if self.landscape.loss == "finite_sum":
+            s["minibatch_noise"][half] += self.landscape.minibatch_noise_trace(u, self.batch).sum(axis=1)
         if self.protocol == "sphere":
             # Effective weight decay, measured before projecting back: (||w'|| - r) / (elr r^3).
             excess = (r_new - self.radius) / (self.lr * self.radius**3)
@@ -244,7 +320,8 @@ class Population:
         return r, u
 
     def _measure(self, r: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """Return one log row per point: step, loss, loss_std, radius, elr, angle, grad norm. (P, 7)"""
+        """Return one log row per point (P, LOG_WIDTH): step, loss, loss_std, radius, elr, angle,
+        grad norm, noise trace, SNR and the ensemble's direction entropy (NaN unless enabled)."""
         loss = self.landscape.value(u)
         radius = r
         if self.protocol == "lr":
@@ -253,11 +330,18 @@ class Population:
             elr = np.broadcast_to(self.lr, radius.shape)
         grad_norm = np.sqrt(self._tangent_grad_norm2(u))
         angle = self.last_angle  # angle (rad) turned by the direction in the step just taken
-        columns = [loss, radius, elr, angle, grad_norm]
+        noise = self.sigma**2 * (self.dim - 1) + self.landscape.minibatch_noise_trace(u, self.batch)  # (P, R)
+        snr = grad_norm / np.sqrt(np.maximum(noise, 1e-300))
+        columns = [loss, radius, elr, angle, grad_norm, noise, snr]
         means = [np.where(self.diverged, np.nan, c).mean(axis=1) for c in columns]
         loss_std = np.where(self.diverged, np.nan, loss).std(axis=1)
+        entropy = np.full(self.n_points, np.nan)
+        if self.trajectory_entropy:
+            for p in range(self.n_points):
+                if not self.diverged[p].any():
+                    entropy[p] = direction_entropy(u[:, p, :].T, k=self.entropy_k)
         step = np.full(self.n_points, float(self.step))
-        return np.stack([step, means[0], loss_std, means[1], means[2], means[3], means[4]], axis=1)
+        return np.stack([step, means[0], loss_std, *means[1:], entropy], axis=1)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -289,8 +373,8 @@ class Population:
         self.rng.bit_generator.state = meta["rng"]
 
 
-SUM_NAMES = ("loss", "loss2", "r", "r2", "elr", "angular2", "grad2", "lambda_eff")
-LOG_WIDTH = 7
+SUM_NAMES = ("loss", "loss2", "r", "r2", "elr", "angular2", "grad2", "lambda_eff", "minibatch_noise")
+LOG_WIDTH = 10
 
 
 def log_schedule(steps: int, log_points: int, linear_points: int) -> np.ndarray:
@@ -312,9 +396,10 @@ class IsotropicKind(TrialKind):
     params_model = IsotropicParams
 
     def axes_for(self, protocol: str) -> tuple[str, ...]:
+        # batch_size matters only for the finite_sum loss, whose minibatches sample objects.
         if protocol == "sphere":
-            return ("lr", "radius", "noise", "seed")
-        return ("lr", "wd", "noise", "seed")
+            return ("lr", "radius", "noise", "batch_size", "seed")
+        return ("lr", "wd", "noise", "batch_size", "seed")
 
     def required_axes(self, protocol: str) -> tuple[str, ...]:
         return ("lr",) if protocol == "sphere" else ("lr", "wd")
@@ -367,7 +452,6 @@ def _trajectories(chunk: Chunk, population: Population) -> dict[str, dict[str, A
     dim = population.dim
     out: dict[str, dict[str, Any]] = {}
     for index, point in enumerate(chunk.points):
-        sigma2 = float(population.sigma[index, 0] ** 2)
         table = rows[:, index, :]
         out[point.point_id] = {
             "step": table[:, 0].astype(np.int64),
@@ -377,8 +461,10 @@ def _trajectories(chunk: Chunk, population: Population) -> dict[str, dict[str, A
             "elr": table[:, 4],
             "angular_update": table[:, 5],
             "grad_norm": table[:, 6],
-            "noise_trace": np.full(len(table), sigma2 * (dim - 1)),
-            "sigma2": np.full(len(table), sigma2),
+            "noise_trace": table[:, 7],
+            "sigma2": table[:, 7] / (dim - 1),
+            "snr": table[:, 8],
+            "S_direction": table[:, 9],
         }
     return out
 
@@ -393,10 +479,12 @@ def _summaries(chunk: Chunk, population: Population, spec: SweepSpec) -> dict[st
     half_r2 = population.replica_r2_sum / np.maximum(count, 1)[:, None, None]
     samples = population.snapshots  # (S, d, P, R)
 
+    U_uniform, S_uniform = uniform_levels(population.landscape, population.dim, samples.shape[0] * population.replicas, spec.entropy.k)
     out: dict[str, dict[str, Any]] = {}
     for index, point in enumerate(chunk.points):
         diverged = bool(population.diverged[index].any())
-        sigma2 = float(population.sigma[index, 0] ** 2)
+        injected = float(population.sigma[index, 0] ** 2) * (population.dim - 1)
+        noise_trace = injected + (sums["minibatch_noise"][index] / total if total else 0.0)
         summary: dict[str, Any] = {
             "dim": population.dim,
             "replicas": population.replicas,
@@ -404,9 +492,11 @@ def _summaries(chunk: Chunk, population: Population, spec: SweepSpec) -> dict[st
             "window_end": population.steps,
             "diverged": diverged,
             "diverged_step": int(population.diverged_step[index]) if diverged else None,
-            "noise_trace": sigma2 * (population.dim - 1),
-            "sigma2": sigma2,
+            "noise_trace": noise_trace,
+            "sigma2": noise_trace / (population.dim - 1),
             "loss_min": population.landscape.min_loss,
+            "U_uniform": U_uniform,
+            "S_uniform_direction": S_uniform,
         }
         if diverged or total == 0:
             out[point.point_id] = {**summary, "stationary": False, **{name: None for name in MEASURED}}
@@ -426,6 +516,7 @@ def _summaries(chunk: Chunk, population: Population, spec: SweepSpec) -> dict[st
             "elr_mean": sums["elr"][index] / total,
             "angular_update2": sums["angular2"][index] / total,
             "grad_norm2": sums["grad2"][index] / total,
+            "snr": math.sqrt(sums["grad2"][index] / total / noise_trace) if noise_trace > 0 else None,
             "lambda_eff": sums["lambda_eff"][index] / total if population.protocol == "sphere" else None,
             "S_direction": direction_entropy(directions, k=spec.entropy.k),
             "entropy_samples": int(directions.shape[0]),
@@ -447,7 +538,7 @@ def _summaries(chunk: Chunk, population: Population, spec: SweepSpec) -> dict[st
 DRIFT_Z = 4.0
 DRIFT_RELATIVE = 0.01
 MEASURED = (
-    "U", "U_std", "U_sem", "r", "r2", "r_std", "elr_mean", "angular_update2", "grad_norm2",
+    "U", "U_std", "U_sem", "r", "r2", "r_std", "elr_mean", "angular_update2", "grad_norm2", "snr",
     "lambda_eff", "S_direction", "entropy_samples", "drift_r2", "drift_U", "drift_z_r2", "drift_z_U",
 )
 
@@ -467,6 +558,19 @@ def _drift_z(half_means: np.ndarray) -> float | None:
     if spread == 0:
         return 0.0 if differences.mean() == 0 else float(np.sign(differences.mean()) * np.inf)
     return float(differences.mean() / (spread / np.sqrt(differences.size)))
+
+
+def uniform_levels(landscape: Landscape, dim: int, samples: int, k: int) -> tuple[float, float]:
+    """Mean loss and estimated direction entropy of uniformly random directions.
+
+    The entropy uses the same estimator and sample size as the ensemble estimate, so the two are
+    comparable despite the estimator's bias; the exact value is log of the sphere's area.
+    """
+    rng = np.random.default_rng(12345)
+    directions = rng.standard_normal((dim, 1, max(samples, k + 2)))
+    directions /= np.sqrt(np.sum(directions**2, axis=0))
+    loss = float(landscape.value(directions).mean())
+    return loss, direction_entropy(directions[:, 0, :].T, k=k)
 
 
 def _relative_drift(halves: np.ndarray) -> float:

@@ -115,7 +115,7 @@ def test_checkpoint_resume_is_exact():
     assert np.array_equal(straight.w, resumed.w)
     for name in straight.sums:
         assert np.array_equal(straight.sums[name], resumed.sums[name])
-    assert np.array_equal(np.array(straight.log_rows), np.array(resumed.log_rows))
+    assert np.array_equal(np.array(straight.log_rows), np.array(resumed.log_rows), equal_nan=True)
 
 
 def test_log_schedule_covers_run():
@@ -170,4 +170,4 @@ def test_retried_trial_continues_from_checkpoint(tmp_path):
         for key, value in straight.summaries[point.point_id].items():
             assert retried.summaries[point.point_id][key] == value, key
         for key, column in straight.trajectories[point.point_id].items():
-            assert np.array_equal(retried.trajectories[point.point_id][key], column), key
+            assert np.array_equal(retried.trajectories[point.point_id][key], column, equal_nan=True), key

@@ -42,7 +42,7 @@ def _with(path: str, value) -> dict:
 
 # (case, spec, field path expected in the message, words expected in the message)
 INVALID = [
-    ("unknown axis", _with("grids.0.axes.momentum", [0.9]), "grids[0].axes.momentum", "allowed axes: lr, wd, noise, seed"),
+    ("unknown axis", _with("grids.0.axes.momentum", [0.9]), "grids[0].axes.momentum", "allowed axes: lr, wd, noise, batch_size, seed"),
     ("unknown kind", _with("kind", "transformer"), "kind", "allowed: isotropic"),
     ("non-positive lr", _with("grids.0.axes.lr", [0.01, 0.0]), "grids[0].axes.lr", "lr must be > 0"),
     ("negative lr in range", _with("grids.0.axes.lr", {"log": [-0.1, 0.1, 3]}), "grids[0].axes.lr", "must be > 0"),
