@@ -174,3 +174,59 @@ def closed_form_agreement(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
             "S_direction_median_abs_error": float(np.median(s_error)),
         }
     return out
+
+
+# Quadratic-fit Maxwell checks: (protocol, y axis, derivative compared, theory as a multiple of
+# d - 1). "y" is dS/dy, "x_minus_y" is dS/dx - dS/dy, with x = ln lr.
+QUADRATIC_RELATIONS = {"elr": ("wd", "y", -0.5), "lr": ("wd", "x_minus_y", 0.5), "sphere": ("radius", "y", 1.0)}
+
+
+def maxwell_quadratic(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    """Fit S = a0 + a1 x + a2 y + a3 x^2 + a4 y^2 + a5 x y per protocol and compare derivatives.
+
+    x = ln lr; y = ln wd (elr, lr) or ln radius (sphere). Raw entropy of a network is too noisy to
+    difference, so the smooth fit is differentiated instead: dS/dx = a1 + 2 a3 x + a5 y and
+    dS/dy = a2 + 2 a4 y + a5 x, evaluated at every usable point and compared with the relation of
+    the protocol (elr: dS/dy = -(d-1)/2; lr: dS/dx - dS/dy = (d-1)/2; sphere: dS/dy = d - 1).
+    Returns per protocol: the coefficients, R^2, the theory value, the mean derivative, the maximum
+    relative error of the derivative over the points, and the quadratic coefficients divided by
+    (d-1)/2. A protocol with fewer than 6 usable points or a single dim value is skipped with the
+    reason.
+    """
+    usable = usable_points(points)
+    out: dict[str, dict[str, Any]] = {}
+    for protocol, (y_axis, derivative, multiple) in QUADRATIC_RELATIONS.items():
+        rows = usable.filter(pl.col("protocol") == protocol)
+        if rows.height == 0:
+            continue
+        dims = rows["dim"].unique().to_list()
+        if rows.height < 6 or len(dims) != 1:
+            out[protocol] = {"skipped": f"needs at least 6 usable points of one dimension, got {rows.height} points, dims {dims}"}
+            continue
+        x = np.log(rows["lr"].to_numpy().astype(np.float64))
+        y = np.log(rows[y_axis].to_numpy().astype(np.float64))
+        S = rows["S"].to_numpy()
+        design = np.column_stack([np.ones_like(x), x, y, x * x, y * y, x * y])
+        if np.linalg.matrix_rank(design) < 6:
+            out[protocol] = {"skipped": "the grid does not vary both axes enough for a quadratic fit (rank < 6)"}
+            continue
+        coefficients, *_ = np.linalg.lstsq(design, S, rcond=None)
+        a0, a1, a2, a3, a4, a5 = coefficients
+        fitted = design @ coefficients
+        r2 = 1.0 - float(np.sum((S - fitted) ** 2) / max(np.sum((S - S.mean()) ** 2), 1e-300))
+        dS_dx = a1 + 2 * a3 * x + a5 * y
+        dS_dy = a2 + 2 * a4 * y + a5 * x
+        value = dS_dy if derivative == "y" else dS_dx - dS_dy
+        dof = dims[0] - 1
+        theory = multiple * dof
+        out[protocol] = {
+            "n": rows.height,
+            "coefficients": [float(c) for c in coefficients],
+            "r2": r2,
+            "relation": "dS/dlog_" + y_axis if derivative == "y" else "dS/dlog_lr - dS/dlog_wd",
+            "theory": theory,
+            "mean_derivative": float(np.mean(value)),
+            "max_rel_error": float(np.max(np.abs(value - theory)) / abs(theory)),
+            "quadratic_over_half_dof": [float(c / (dof / 2)) for c in (a3, a4, a5)],
+        }
+    return out

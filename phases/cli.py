@@ -113,6 +113,32 @@ def track(
     )
 
 
+@app.command("export-optuna")
+def export_optuna(
+    sweep_dir: Annotated[str, typer.Argument(help="Finished sweep directory (local path or URI).")],
+    storage: Annotated[str, typer.Option(help="Optuna storage URL, for example sqlite:///study.db.")] = "sqlite:///phases-optuna.db",
+    overwrite: Annotated[bool, typer.Option(help="Replace studies of the same name.")] = False,
+) -> None:
+    """Write each (protocol, noise) slice of a phase diagram as an Optuna study (value: stationary loss U)."""
+    import polars as pl
+
+    from phases.optuna_export import export_to_optuna
+    from phases.storage import SweepStore
+
+    store = SweepStore.from_sweep_dir(sweep_dir)
+    if not store.exists("diagram.parquet"):
+        console.print(f"[red]error:[/] {store.uri}/diagram.parquet not found; finish the sweep or run `phases fit {sweep_dir}` first")
+        raise typer.Exit(2)
+    try:
+        report = export_to_optuna(pl.from_arrow(store.read_table("diagram.parquet")), store.name, storage, overwrite=overwrite)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    for name, count in report.studies.items():
+        out.print(f"study {name}: {count} trials")
+    out.print(f"Optuna storage: {storage} (view with optuna-dashboard {storage})")
+
+
 def _print_dry_run(plan: Any) -> None:
     from phases.trials import get_kind
 

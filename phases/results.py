@@ -18,7 +18,7 @@ import pyarrow as pa
 import yaml
 
 from analysis.diagram import build_phase_diagram, diagram_metadata
-from analysis.eos import closed_form_agreement, fit_equation_of_state, maxwell_slopes
+from analysis.eos import closed_form_agreement, fit_equation_of_state, maxwell_quadratic, maxwell_slopes
 from analysis.plots import write_plots
 from phases.schema import IDENTITY, PART_SCHEMA, POINTS_SCHEMA, TRAJECTORY_SCHEMA
 from phases.storage import SCHEMA_VERSION, SweepStore, part_name
@@ -60,6 +60,7 @@ def analyse(
         "regimes": {row["regime"]: row["len"] for row in diagram.group_by("regime").len().iter_rows(named=True)},
         "equation_of_state": fit_equation_of_state(diagram),
         "maxwell": maxwell_slopes(diagram),
+        "maxwell_quadratic": maxwell_quadratic(diagram),
         "closed_forms": closed_form_agreement(diagram),
         "temperature": extras["temperature"],
         "trajectory_temperature": diagram.filter(pl.col("T_trajectory").is_not_null())

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analysis.eos import fit_equation_of_state, maxwell_slopes
+from analysis.eos import fit_equation_of_state, maxwell_quadratic, maxwell_slopes
 from analysis.thermo import add_thermodynamics, temperature
 
 
@@ -124,3 +124,28 @@ def test_unusable_points_are_left_out():
 def test_missing_columns_named():
     with pytest.raises(ValueError, match="S_direction"):
         add_thermodynamics(_ideal_gas_table().drop("S_direction"))
+
+
+def test_quadratic_maxwell_on_theory():
+    # The ideal-gas entropy is linear in (ln lr, ln wd), so the quadratic fit is exact (R^2 = 1),
+    # its derivatives equal the relations and the quadratic coefficients vanish.
+    fits = maxwell_quadratic(add_thermodynamics(_ideal_gas_table()))
+    for protocol, theory in (("elr", -1.0), ("lr", 1.0), ("sphere", 2.0)):
+        assert fits[protocol]["r2"] == pytest.approx(1.0, abs=1e-9)
+        assert fits[protocol]["theory"] == theory
+        assert fits[protocol]["max_rel_error"] < 1e-8
+        assert np.abs(fits[protocol]["quadratic_over_half_dof"]).max() < 1e-8
+
+
+def test_quadratic_maxwell_detects_curvature():
+    # An entropy with an extra 0.2 (ln wd)^2 term breaks the elr relation away from ln wd = 0.
+    table = add_thermodynamics(_ideal_gas_table()).with_columns(S=pl.col("S") + 0.2 * pl.col("wd").log() ** 2)
+    fit = maxwell_quadratic(table)["elr"]
+    assert fit["quadratic_over_half_dof"][1] == pytest.approx(0.2, abs=1e-9)
+    assert fit["max_rel_error"] > 0.5
+
+
+def test_quadratic_maxwell_skips_small_grids():
+    table = add_thermodynamics(_ideal_gas_table()).filter(pl.col("protocol") != "elr").head(4)
+    fits = maxwell_quadratic(table)
+    assert "skipped" in fits["lr"]

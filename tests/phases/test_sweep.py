@@ -179,3 +179,29 @@ def test_dry_run_starts_nothing(tmp_path):
     assert "estimated compute" in output
     assert not storage.exists()
     assert ray.is_initialized() == ray_was_running
+
+
+def test_export_optuna_studies(smoke, tmp_path):
+    import optuna
+
+    storage_dir, result = smoke
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    exported = CliRunner().invoke(app, ["export-optuna", str(storage_dir / "ideal_gas_smoke"), "--storage", url])
+    assert exported.exit_code == 0, exported.output
+    diagram = load_sweep(storage_dir / "ideal_gas_smoke").diagram
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage=url)}
+    assert names == {f"ideal_gas_smoke/{p}/noise=1.0" for p in ("elr", "lr", "sphere")}
+    study = optuna.load_study(study_name="ideal_gas_smoke/elr/noise=1.0", storage=url)
+    elr = diagram.filter(pl.col("protocol") == "elr")
+    assert len(study.trials) == elr.height
+    by_id = {row["point_id"]: row for row in elr.iter_rows(named=True)}
+    for trial in study.trials:
+        row = by_id[trial.user_attrs["point_id"]]
+        assert trial.params == {"lr": pytest.approx(row["lr"]), "wd": pytest.approx(row["wd"])}
+        assert trial.value == pytest.approx(row["U"])
+    lr_study = optuna.load_study(study_name="ideal_gas_smoke/lr/noise=1.0", storage=url)
+    failed = [t for t in lr_study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1  # the diverging point
+    again = CliRunner().invoke(app, ["export-optuna", str(storage_dir / "ideal_gas_smoke"), "--storage", url])
+    assert again.exit_code == 2
+    assert "already exists" in again.output
