@@ -37,6 +37,7 @@ def build_phase_diagram(summaries: pl.DataFrame, trajectories: pl.DataFrame | No
     frame = summaries
     trends = None
     if trajectories is not None and trajectories.height:
+        frame = frame.drop([c for c in ("stationary_from", "trend_change", "trend_stationary") if c in frame.columns])
         frame = frame.join(detect_stationarity(trajectories), on="point_id", how="left").with_columns(
             stationary=pl.col("stationary").fill_null(False) & pl.col("trend_stationary").fill_null(False)
         )

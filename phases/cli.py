@@ -62,18 +62,47 @@ def sweep(
 
 
 @app.command()
-def fit(sweep_dir: Annotated[str, typer.Argument(help="Sweep directory (local path or URI) with part files.")]) -> None:
-    """Re-run the analysis on a sweep: compact its parts and rewrite points, diagram, fits and plots."""
-    from phases import __version__
-    from phases.results import analyse, compact, write_tables
+def fit(
+    path: Annotated[str, typer.Argument(help="Sweep directory, a .csv or .parquet log file, or mlflow://EXPERIMENT.")],
+    output: Annotated[Optional[str], typer.Option("--out", help="Output directory for logs (default: runs/<file stem or experiment>). Ignored for a sweep directory.")] = None,
+    dim: Annotated[Optional[int], typer.Option(min=2, help="Number of scale-invariant parameters d, when the logs have no dim column.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI for mlflow://EXPERIMENT.")] = None,
+) -> None:
+    """Fit the phase diagram: re-run the analysis of a sweep, or analyse someone else's training logs.
+
+    Logs need the columns lr, wd, step, loss and weight_norm; see docs/analysis.md for the optional ones.
+    """
     from phases.storage import SweepStore
 
+    store = SweepStore.from_sweep_dir(path) if "://" not in path or path.startswith("file://") else None
+    if store is not None and store.exists("spec.yaml") and store.exists("parts"):
+        _refit_sweep(store)
+        return
+    is_log_file = Path(path).suffix.lower() in (".csv", ".parquet", ".pq")
+    if not (path.startswith("mlflow://") or is_log_file):
+        console.print(f"[red]error:[/] {path}: not a sweep directory (spec.yaml not found), a .csv or .parquet log file, or mlflow://EXPERIMENT")
+        raise typer.Exit(2)
+
+    from phases.external import fit_external
+
+    target = output or str(Path("runs") / (Path(path).stem if is_log_file else path.removeprefix("mlflow://")))
+    try:
+        written, fits, notes = fit_external(path, target, dim=dim, tracking_uri=tracking_uri)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    _print_fits(fits)
+    for note in notes:
+        console.print(f"[yellow]skipped:[/] {note}")
+    out.print(f"analysis written to {written.uri}")
+
+
+def _refit_sweep(store: Any) -> None:
     import yaml
 
-    store = SweepStore.from_sweep_dir(sweep_dir)
-    if not store.exists("spec.yaml"):
-        console.print(f"[red]error:[/] {store.uri}/spec.yaml not found; is {sweep_dir} a sweep directory written by `phases sweep`?")
-        raise typer.Exit(2)
+    from phases import __version__
+    from phases.results import analyse, compact, write_tables
+
     parts = store.list_parts()
     if not parts:
         console.print(f"[red]error:[/] {store.uri}/parts contains no finished chunks; run `phases sweep` first")
