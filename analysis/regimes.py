@@ -45,30 +45,62 @@ def convergence_trends(
 ) -> pl.DataFrame:
     """Per point, the log-log slopes of loss and gradient norm over [last step / 8, last step].
 
-    trajectories: columns point_id, step, loss and optionally grad_norm. Returns point_id,
-    loss_slope, grad_norm_slope (null without grad_norm) and converging.
+    trajectories: columns point_id, step, loss and optionally grad_norm. All points are fitted at
+    once from per-point sums. Returns point_id, loss_slope, grad_norm_slope (null without
+    grad_norm) and converging (loss slope below -min_slope with p < alpha, and a falling gradient
+    norm where it is logged).
     """
     require_columns(trajectories, ("point_id", "step", "loss"), "convergence_trends")
     has_grad = "grad_norm" in trajectories.columns
-    rows = []
-    for (point_id,), group in trajectories.sort("step").group_by(["point_id"], maintain_order=True):
-        group = group.filter((pl.col("step") > 0) & pl.col("loss").is_finite())
-        steps = group["step"].to_numpy().astype(np.float64)
-        row: dict[str, Any] = {"point_id": point_id, "loss_slope": None, "grad_norm_slope": None, "converging": False}
-        if steps.size >= 4:
-            tail = steps >= steps[-1] / TAIL_FACTOR
-            if tail.sum() >= 4:
-                x = np.log(steps[tail])
-                loss_fit = stats.linregress(x, np.log(np.maximum(group["loss"].to_numpy()[tail], 1e-300)))
-                row["loss_slope"] = float(loss_fit.slope)
-                falling = loss_fit.slope < -min_slope and loss_fit.pvalue < alpha
-                if has_grad and group["grad_norm"].null_count() == 0:
-                    grad_fit = stats.linregress(x, np.log(np.maximum(group["grad_norm"].to_numpy()[tail], 1e-300)))
-                    row["grad_norm_slope"] = float(grad_fit.slope)
-                    falling = falling and grad_fit.slope < 0
-                row["converging"] = bool(falling)
-        rows.append(row)
-    return pl.DataFrame(rows, schema={"point_id": pl.String, "loss_slope": pl.Float64, "grad_norm_slope": pl.Float64, "converging": pl.Boolean})
+    tail = (
+        trajectories.select("point_id", "step", "loss", *(["grad_norm"] if has_grad else []))
+        .filter((pl.col("step") > 0) & pl.col("loss").is_finite())
+        .filter(pl.col("step") >= pl.col("step").max().over("point_id") / TAIL_FACTOR)
+        .with_columns(x=pl.col("step").cast(pl.Float64).log(), y=pl.max_horizontal(pl.col("loss"), pl.lit(1e-300)).log())
+    )
+    fits = tail.group_by("point_id", maintain_order=True).agg(_log_log_fit("y").alias("loss"))
+    if has_grad:
+        tail = tail.with_columns(g=pl.max_horizontal(pl.col("grad_norm"), pl.lit(1e-300)).log())
+        grads = tail.group_by("point_id", maintain_order=True).agg(
+            _log_log_fit("g").alias("grad"), pl.col("grad_norm").is_null().any().alias("grad_missing")
+        )
+        fits = fits.join(grads, on="point_id", how="left")
+    fits = fits.unnest("loss")
+    p_value = 2.0 * stats.t.sf(fits["t"].to_numpy(), df=np.maximum(fits["n"].to_numpy() - 2, 1))
+    fits = fits.with_columns(p=pl.Series(np.nan_to_num(p_value, nan=1.0)))
+    enough = pl.col("n") >= 4
+    falling = enough & (pl.col("slope") < -min_slope) & (pl.col("p") < alpha)
+    grad_slope = pl.lit(None, dtype=pl.Float64)
+    if has_grad:
+        grad_slope = pl.when(~pl.col("grad_missing") & enough).then(pl.col("grad").struct.field("slope"))
+        falling = falling & (grad_slope.is_null() | (grad_slope < 0))
+    all_points = trajectories.select(pl.col("point_id").unique(maintain_order=True))
+    result = fits.select(
+        "point_id",
+        pl.when(enough).then(pl.col("slope")).alias("loss_slope"),
+        grad_slope.alias("grad_norm_slope"),
+        falling.fill_null(False).alias("converging"),
+    )
+    return all_points.join(result, on="point_id", how="left").with_columns(pl.col("converging").fill_null(False)).select(
+        pl.col("point_id").cast(pl.String),
+        pl.col("loss_slope").cast(pl.Float64),
+        pl.col("grad_norm_slope").cast(pl.Float64),
+        pl.col("converging"),
+    )
+
+
+def _log_log_fit(y: str) -> pl.Expr:
+    """Least-squares slope of `y` on x within a group, its t-statistic and the point count."""
+    n = pl.len().cast(pl.Float64)
+    sx, sy = pl.col("x").sum(), pl.col(y).sum()
+    var_x = (pl.col("x") ** 2).sum() - sx * sx / n
+    cov = (pl.col("x") * pl.col(y)).sum() - sx * sy / n
+    var_y = (pl.col(y) ** 2).sum() - sy * sy / n
+    slope = cov / var_x
+    residual = pl.max_horizontal(var_y - slope * cov, pl.lit(0.0)) / pl.max_horizontal(n - 2, pl.lit(1.0))
+    stderr = (residual / var_x).sqrt()
+    t_stat = pl.when(stderr > 0).then(slope.abs() / stderr).when(slope == 0).then(pl.lit(0.0)).otherwise(pl.lit(float("inf")))
+    return pl.struct(slope.alias("slope"), t_stat.fill_nan(0.0).alias("t"), n.alias("n"))
 
 
 def label_regimes(

@@ -14,8 +14,6 @@ in t are never accepted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import polars as pl
 from scipy import stats
@@ -25,81 +23,6 @@ from analysis.thermo import require_columns
 DEFAULT_TOLERANCE = 0.02
 DEFAULT_ALPHA = 0.01
 MIN_POINTS = 8
-
-
-@dataclass(frozen=True)
-class TrendTest:
-    """Outcome of the trend test on one window."""
-
-    start: int
-    relative_change: float
-    p_value: float
-    stationary: bool
-
-
-def trend_test(steps: np.ndarray, values: np.ndarray, *, tolerance: float = DEFAULT_TOLERANCE, alpha: float = DEFAULT_ALPHA) -> TrendTest:
-    """Test one window: values against ln(steps); see the module docstring."""
-    x = np.log(steps.astype(np.float64))
-    logarithmic = bool(np.all(values > 0))
-    fit = stats.linregress(x, np.log(values) if logarithmic else values)
-    level = 1.0 if logarithmic else max(abs(float(np.mean(values))), 1e-300)
-    change = abs(fit.slope) * (x[-1] - x[0]) / level
-    p_value = float(fit.pvalue) if np.isfinite(fit.pvalue) else 0.0
-    return TrendTest(int(steps[0]), float(change), p_value, bool(change < tolerance or p_value > alpha))
-
-
-def stationary_start(
-    steps: np.ndarray, values: list[np.ndarray], *, tolerance: float = DEFAULT_TOLERANCE, alpha: float = DEFAULT_ALPHA
-) -> TrendTest | None:
-    """Return the test of the earliest window start where every quantity passes, or None.
-
-    steps: (n,) logged steps, increasing and positive. values: arrays (n,) of each quantity. All
-    candidate windows are regressed at once from suffix sums, one pass per quantity.
-    """
-    x = np.log(np.asarray(steps, dtype=np.float64))
-    n = x.size
-    count = np.arange(n, 0, -1, dtype=np.float64)  # points in the window starting at each index
-    candidates = (np.asarray(steps) <= steps[-1] / 2) & (count >= MIN_POINTS)
-    if not candidates.any():
-        return None
-    passing = candidates.copy()
-    worst_change = np.zeros(n)
-    worst_p = np.ones(n)
-    for y in values:
-        y = np.asarray(y, dtype=np.float64)
-        logarithmic = bool(np.all(y > 0))
-        change, p_value = _suffix_trends(x, np.log(y) if logarithmic else y, count, relative=not logarithmic)
-        ok = (change < tolerance) | (p_value > alpha)
-        passing &= ok
-        larger = change > worst_change
-        worst_change = np.where(larger, change, worst_change)
-        worst_p = np.where(larger, p_value, worst_p)
-    if not passing.any():
-        return None
-    index = int(np.argmax(passing))
-    return TrendTest(int(steps[index]), float(worst_change[index]), float(worst_p[index]), True)
-
-
-def _suffix_trends(x: np.ndarray, y: np.ndarray, count: np.ndarray, relative: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Fitted change (relative to the mean level if `relative`) and slope p-value of y on x over
-    every suffix window x[i:]."""
-    def suffix(values: np.ndarray) -> np.ndarray:
-        return np.cumsum(values[::-1])[::-1]
-
-    sx, sy = suffix(x), suffix(y)
-    sxx, sxy, syy = suffix(x * x), suffix(x * y), suffix(y * y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var_x = sxx - sx * sx / count
-        cov_xy = sxy - sx * sy / count
-        var_y = syy - sy * sy / count
-        slope = cov_xy / var_x
-        residual = np.maximum(var_y - slope * cov_xy, 0.0) / np.maximum(count - 2, 1)
-        stderr = np.sqrt(residual / var_x)
-        t_stat = np.where(stderr > 0, np.abs(slope) / stderr, np.where(slope == 0, 0.0, np.inf))
-        level = np.maximum(np.abs(sy / count), 1e-300) if relative else 1.0
-        change = np.abs(slope) * (x[-1] - x) / level
-    p_value = 2.0 * stats.t.sf(t_stat, df=np.maximum(count - 2, 1))
-    return np.nan_to_num(change, nan=0.0), np.nan_to_num(p_value, nan=1.0)
 
 
 def detect_stationarity(
@@ -112,9 +35,10 @@ def detect_stationarity(
     """Decide per point whether its trajectory became stationary, and from which step.
 
     trajectories: columns point_id, step and the quantities (a quantity that is absent or entirely
-    null is skipped; a quantity that is constant passes). Returns point_id, stationary_from (null
-    when never stationary), trend_change (the largest relative change over the accepted window)
-    and trend_stationary.
+    null is skipped; a constant one passes). Every candidate window of every point is tested at
+    once: suffix sums per point give each window's regression, so the cost is linear in the rows.
+    Returns point_id, stationary_from (null when never stationary), trend_change (the largest
+    relative change over the accepted window) and trend_stationary.
     Raises ValueError when point_id, step or all the quantities are missing.
     """
     require_columns(trajectories, ("point_id", "step"), "detect_stationarity")
@@ -122,17 +46,68 @@ def detect_stationarity(
     if not present:
         raise ValueError(f"detect_stationarity needs at least one of the columns {', '.join(quantities)} with values")
 
-    rows = []
-    for (point_id,), group in trajectories.sort("step").group_by(["point_id"], maintain_order=True):
-        group = group.filter(pl.col("step") > 0).drop_nulls(present)
-        steps = group["step"].to_numpy()
-        result = None
-        if len(steps) >= MIN_POINTS and all(np.all(np.isfinite(group[q].to_numpy())) for q in present):
-            result = stationary_start(steps, [group[q].to_numpy().astype(np.float64) for q in present], tolerance=tolerance, alpha=alpha)
-        rows.append({
-            "point_id": point_id,
-            "stationary_from": result.start if result else None,
-            "trend_change": result.relative_change if result else None,
-            "trend_stationary": result is not None,
-        })
-    return pl.DataFrame(rows, schema={"point_id": pl.String, "stationary_from": pl.Int64, "trend_change": pl.Float64, "trend_stationary": pl.Boolean})
+    rows = (
+        trajectories.select("point_id", "step", *present)
+        .filter(pl.col("step") > 0)
+        .drop_nulls(present)
+        .filter(pl.all_horizontal([pl.col(q).is_finite() for q in present]))
+        .sort(["point_id", "step"])
+        .with_columns(x=pl.col("step").cast(pl.Float64).log())
+        .with_columns(
+            count=pl.col("x").cum_count(reverse=True).over("point_id").cast(pl.Float64),
+            last_step=pl.col("step").max().over("point_id"),
+            x_last=pl.col("x").max().over("point_id"),
+            points=pl.len().over("point_id"),
+        )
+    )
+    passing = (pl.col("step") <= pl.col("last_step") / 2) & (pl.col("count") >= MIN_POINTS) & (pl.col("points") >= MIN_POINTS)
+    change_columns = []
+    for q in present:
+        logarithmic = (pl.col(q).min().over("point_id") > 0)
+        y = pl.when(logarithmic).then(pl.col(q).log()).otherwise(pl.col(q))
+        rows = rows.with_columns(_y=y, _log=logarithmic)
+        rows = rows.with_columns(_window_trend(tolerance))
+        p_value = 2.0 * stats.t.sf(rows["_t"].to_numpy(), df=np.maximum(rows["count"].to_numpy() - 2, 1))
+        rows = rows.with_columns(pl.Series(f"_p_{q}", np.nan_to_num(p_value, nan=1.0)), pl.col("_change").alias(f"_change_{q}"))
+        passing = passing & ((pl.col(f"_change_{q}") < tolerance) | (pl.col(f"_p_{q}") > alpha))
+        change_columns.append(f"_change_{q}")
+
+    verdicts = (
+        rows.with_columns(_pass=passing, _worst=pl.max_horizontal(change_columns))
+        .filter(pl.col("_pass"))
+        .group_by("point_id")
+        .agg(pl.col("step").first().alias("stationary_from"), pl.col("_worst").first().alias("trend_change"))
+    )
+    all_points = trajectories.select(pl.col("point_id").unique(maintain_order=True))
+    return (
+        all_points.join(verdicts, on="point_id", how="left")
+        .with_columns(trend_stationary=pl.col("stationary_from").is_not_null())
+        .select(
+            pl.col("point_id").cast(pl.String),
+            pl.col("stationary_from").cast(pl.Int64),
+            pl.col("trend_change").cast(pl.Float64),
+            pl.col("trend_stationary"),
+        )
+    )
+
+
+def _window_trend(tolerance: float) -> list[pl.Expr]:
+    """Expressions for the regression of _y on x over each suffix window of its point."""
+    def suffix(expr: pl.Expr) -> pl.Expr:
+        return expr.cum_sum(reverse=True).over("point_id")
+
+    n = pl.col("count")
+    sx, sy = suffix(pl.col("x")), suffix(pl.col("_y"))
+    sxx, sxy, syy = suffix(pl.col("x") ** 2), suffix(pl.col("x") * pl.col("_y")), suffix(pl.col("_y") ** 2)
+    var_x = sxx - sx * sx / n
+    cov = sxy - sx * sy / n
+    var_y = syy - sy * sy / n
+    slope = cov / var_x
+    residual = pl.max_horizontal(var_y - slope * cov, pl.lit(0.0)) / pl.max_horizontal(n - 2, pl.lit(1.0))
+    stderr = (residual / var_x).sqrt()
+    level = pl.when(pl.col("_log")).then(pl.lit(1.0)).otherwise(pl.max_horizontal((sy / n).abs(), pl.lit(1e-300)))
+    t_stat = (
+        pl.when(stderr > 0).then(slope.abs() / stderr).when(slope == 0).then(pl.lit(0.0)).otherwise(pl.lit(float("inf")))
+    )
+    change = (slope.abs() * (pl.col("x_last") - pl.col("x")) / level).fill_nan(0.0)
+    return [t_stat.fill_nan(0.0).alias("_t"), change.alias("_change")]

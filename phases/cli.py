@@ -124,6 +124,9 @@ def track(
     from phases.tracking import TrackingError, default_tracking_uri, log_sweep
 
     store = SweepStore.from_sweep_dir(sweep_dir)
+    if not store.exists():
+        console.print(f"[red]error:[/] sweep directory {store.uri} not found; check the path (it is <storage>/<name>)")
+        raise typer.Exit(2)
     if not store.exists("diagram.parquet"):
         console.print(f"[red]error:[/] {store.uri}/diagram.parquet not found; finish the sweep or run `phases fit {sweep_dir}` first")
         raise typer.Exit(2)
@@ -181,7 +184,7 @@ def _print_dry_run(plan: Any) -> None:
         table.add_row(str(index), grid.protocol, axes, str(len(points)), str(len(chunks)), str(grid.steps or plan.spec.steps))
     out.print(table)
     for chunk in plan.chunks:
-        out.print(f"  chunk {chunk.chunk_id}: {len(chunk.points)} points")
+        out.print(f"  chunk {chunk.chunk_id}: {len(chunk.points)} point{'s' if len(chunk.points) != 1 else ''}")
     for point in plan.points:
         coords = " ".join(f"{k}={v}" for k, v in point.coords.items() if v is not None)
         out.print(f"  point {point.point_id} {point.protocol} {coords}")

@@ -32,6 +32,30 @@ def apply_environment_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Raise ConnectionError if a HOST:PORT (or ray://HOST:PORT) Ray address does not accept connections.
+
+    `ray.init` retries an unreachable address for minutes, so a quick TCP check turns a typo into
+    an immediate error. "auto", http:// addresses and None are not checked.
+    """
+    import socket
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address or address == "auto" or address.startswith(("http://", "https://")):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"invalid Ray address {address!r}; use HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at {address} ({error}); check that `ray start --head` runs there "
+            "and that --address (or RAY_ADDRESS) names its GCS port, usually 6379"
+        ) from None
+
+
 def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Start an embedded Ray instance or attach to a cluster; returns True if this call started it.
 

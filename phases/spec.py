@@ -152,13 +152,16 @@ def load(source: str | Path | dict[str, Any], name: str | None = None) -> SweepS
         raw["name"] = name
     elif "name" not in raw and isinstance(source, (str, Path)) and Path(str(source)).suffix in (".yaml", ".yml"):
         raw["name"] = Path(str(source)).stem
-    raw["grids"] = _normalise_grids(label, raw)
+    raw["grids"], grid_sources = _normalise_grids(label, raw)
 
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        path = _format_location(first["loc"])
+        loc = tuple(first["loc"])
+        if len(loc) > 1 and loc[0] == "grids" and isinstance(loc[1], int):
+            loc = ("grids", grid_sources[loc[1]], *loc[2:])  # index in the file, before protocol lists expand
+        path = _format_location(loc)
         message = first["msg"].removeprefix("Value error, ")
         value = first.get("input")
         if first["type"] == "extra_forbidden":
@@ -170,7 +173,7 @@ def load(source: str | Path | dict[str, Any], name: str | None = None) -> SweepS
             message = f"{message} (got {value!r})"
         raise SpecError(label, path, message) from None
 
-    _check_kind(label, spec)
+    _check_kind(label, spec, grid_sources)
     return spec
 
 
@@ -178,7 +181,8 @@ def _read_raw(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
     if isinstance(source, dict):
         return "<dict>", source
     text = str(source)
-    is_path = isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml")))
+    # A single line without a colon in its last path component cannot be a YAML mapping: a path.
+    is_path = isinstance(source, Path) or ("\n" not in text and ":" not in text.split("/")[-1])
     if is_path:
         path = Path(text)
         try:
@@ -199,8 +203,11 @@ def _read_raw(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
         raise SpecError(label, "", f"YAML syntax error at {where}: {problem}") from None
 
 
-def _normalise_grids(label: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
-    """Accept a top-level `protocol` + `axes` shorthand, and a list of protocols per grid."""
+def _normalise_grids(label: str, raw: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
+    """Accept a top-level `protocol` + `axes` shorthand, and a list of protocols per grid.
+
+    Returns the grids with one protocol each and, for each, its index in the file.
+    """
     if "grids" in raw and ("axes" in raw or "protocol" in raw):
         raise SpecError(label, "grids", "give either `grids` or a top-level `protocol` with `axes`, not both")
     if "grids" not in raw:
@@ -212,6 +219,7 @@ def _normalise_grids(label: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
         raise SpecError(label, "grids", "must be a non-empty list of grids")
 
     expanded: list[dict[str, Any]] = []
+    sources: list[int] = []
     for index, grid in enumerate(grids):
         where = f"grids[{index}]"
         if not isinstance(grid, dict):
@@ -226,7 +234,8 @@ def _normalise_grids(label: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
         protocols = grid["protocol"] if isinstance(grid["protocol"], list) else [grid["protocol"]]
         for protocol in protocols:
             expanded.append({**grid, "protocol": protocol})
-    return expanded
+            sources.append(index)
+    return expanded, sources
 
 
 def _expand_axis(label: str, path: str, name: str, values: Any) -> list[float]:
@@ -264,7 +273,7 @@ def _expand_axis(label: str, path: str, name: str, values: Any) -> list[float]:
     return [int(v) if name in INTEGER_AXES else float(v) for v in values]
 
 
-def _check_kind(label: str, spec: SweepSpec) -> None:
+def _check_kind(label: str, spec: SweepSpec, grid_sources: list[int]) -> None:
     from phases.trials import get_kind, kind_names
 
     try:
@@ -277,11 +286,15 @@ def _check_kind(label: str, spec: SweepSpec) -> None:
         first = exc.errors()[0]
         path = "params" + ("." + _format_location(first["loc"]) if first["loc"] else "")
         message = first["msg"].removeprefix("Value error, ")
+        value = first.get("input")
         if first["type"] == "extra_forbidden":
             message = f"unknown parameter {first['loc'][-1]!r} for kind {spec.kind!r}; allowed: {', '.join(kind.params_model.model_fields)}"
+        elif first["loc"] and value is not None and not isinstance(value, (dict, list)):
+            message = f"{message} (got {value!r})"
         raise SpecError(label, path, message) from None
 
-    for index, grid in enumerate(spec.grids):
+    for expanded_index, grid in enumerate(spec.grids):
+        index = grid_sources[expanded_index]
         allowed = kind.axes_for(grid.protocol)
         for axis in grid.axes:
             if axis not in allowed:

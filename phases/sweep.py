@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from phases import __version__
 from phases.grid import Chunk, Point, chunk, expand
 from phases.results import analyse, compact, write_tables
-from phases.runtime import apply_environment_defaults, start_ray, stop_ray
+from phases.runtime import apply_environment_defaults, check_ray_address, start_ray, stop_ray
 from phases.spec import SweepSpec, load
 from phases.storage import SweepStore
 from phases.trial_runner import train_chunk
@@ -93,13 +93,17 @@ def run_sweep(
     MLFLOW_TRACKING_URI, else `sqlite:///<storage>/mlflow.db` for local storage). resume: require an
     existing sweep directory and run only its missing chunks.
 
-    Raises SpecError for an invalid spec and SweepError for a directory that contains another sweep,
-    both before any Ray work starts.
+    Raises SpecError for an invalid spec, and SweepError for a directory that contains another sweep
+    or an unreachable --address, all before any Ray work starts.
     """
     apply_environment_defaults()
     console = console or Console(stderr=True)
     started = time.monotonic()
     plan = plan_sweep(spec_or_path, name=name, storage=storage)
+    try:
+        check_ray_address(address)
+    except ConnectionError as error:
+        raise SweepError(str(error)) from None
     prepare_directory(plan, resume=resume)
 
     done = set(plan.store.list_parts()) & set(plan.chunk_ids)

@@ -167,3 +167,23 @@ def test_cli_subprocess_reports_yaml_error(tmp_path):
     assert completed.returncode == 2
     assert "YAML syntax error at line" in " ".join(completed.stderr.split())
     assert not storage.exists()
+
+
+def test_error_path_counts_grids_as_written():
+    # Grid 0 lists two protocols; the error in the second grid must still say grids[1].
+    data = copy.deepcopy(VALID)
+    data["grids"][0]["protocol"] = ["elr", "lr"]
+    data["grids"][1]["axes"]["wd"] = [0.1]
+    with pytest.raises(SpecError, match=r"grids\[1\]\.axes\.wd"):
+        load(data)
+
+
+def test_param_error_shows_value():
+    with pytest.raises(SpecError, match=r"params\.dim: .* \(got 1\)"):
+        load(_with("params", {"dim": 1}))
+
+
+def test_path_without_yaml_suffix(tmp_path):
+    spec = tmp_path / "spec.txt"
+    spec.write_text(yaml.safe_dump(VALID))
+    assert load(str(spec)).name == "valid"

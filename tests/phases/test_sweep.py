@@ -205,3 +205,12 @@ def test_export_optuna_studies(smoke, tmp_path):
     again = CliRunner().invoke(app, ["export-optuna", str(storage_dir / "ideal_gas_smoke"), "--storage", url])
     assert again.exit_code == 2
     assert "already exists" in again.output
+
+
+def test_unreachable_address_fails_fast(tmp_path):
+    from tests.conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(SweepError, match=f"cannot reach the Ray cluster at {address}"):
+        run_sweep(SMOKE_SPEC, storage=tmp_path, address=address)
+    assert not (tmp_path / "ideal_gas_smoke").exists()
