@@ -24,8 +24,10 @@ def write_plots(diagram: pl.DataFrame, directory: str | Path, fits: dict | None 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    boundaries = (fits or {}).get("boundaries", [])
     for protocol in sorted(diagram["protocol"].unique().to_list()):
-        written.append(regime_map(diagram.filter(pl.col("protocol") == protocol), protocol, directory / f"regimes_{protocol}.png"))
+        mine = [b for b in boundaries if b.get("protocol") == protocol]
+        written.append(regime_map(diagram.filter(pl.col("protocol") == protocol), protocol, directory / f"regimes_{protocol}.png", mine))
     for index, entry in enumerate((fits or {}).get("temperature", [])):
         if "points" in entry:
             written.append(temperature_panels(diagram, entry, directory / f"temperature_{index}.png"))
@@ -114,8 +116,9 @@ def entropy_lines(rows: pl.DataFrame, x_axis: str, fixed: str, path: Path) -> Pa
     return path
 
 
-def regime_map(rows: pl.DataFrame, protocol: str, path: Path) -> Path:
-    """Regime of every point over lr x wd (radius for sphere), one panel per noise value."""
+def regime_map(rows: pl.DataFrame, protocol: str, path: Path, boundaries: list[dict] | None = None) -> Path:
+    """Regime of every point over lr x wd (radius for sphere), one panel per noise value, with each
+    boundary between regimes drawn as a vertical bar at its estimated learning rate."""
     y_axis = "radius" if protocol == "sphere" else "wd"
     noises = sorted(rows["noise"].unique().to_list(), key=lambda v: (v is None, v))
     fig, axes = plt.subplots(1, len(noises), figsize=(5 * len(noises), 4), squeeze=False)
@@ -127,12 +130,16 @@ def regime_map(rows: pl.DataFrame, protocol: str, path: Path) -> Path:
             chosen = panel["regime"].to_numpy() == regime
             if chosen.any():
                 ax.scatter(panel["lr"].to_numpy()[chosen], y_values[chosen], c=colour, s=40, marker="s", label=regime)
+        for boundary in boundaries or []:
+            if boundary.get("noise") == noise:
+                y = boundary.get(y_axis) if boundary.get(y_axis) is not None else 1.0
+                ax.plot([boundary["lr_boundary"]] * 2, [y / 1.15, y * 1.15], "k-", lw=2)
         ax.set_xscale("log")
         if np.all(y_values > 0) and np.ptp(y_values) > 0:
             ax.set_yscale("log")
         ax.set_xlabel("lr")
         ax.set_ylabel(y_axis)
-        ax.set_title(f"{protocol}: regimes, noise = {noise}")
+        ax.set_title(f"{protocol}: regimes (bars: boundaries), noise = {noise}")
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
