@@ -16,7 +16,8 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from analysis.regimes import convergence_trends, label_regimes, regime_boundaries
+from analysis.eos import quadratic_entropy_residuals
+from analysis.regimes import SLICE_COORDINATES, convergence_trends, label_regimes, regime_boundaries
 from analysis.stationarity import detect_stationarity
 from analysis.temperature import fit_power_law, free_energy_temperatures, trajectory_temperature
 from analysis.thermo import add_thermodynamics
@@ -45,10 +46,29 @@ def build_phase_diagram(summaries: pl.DataFrame, trajectories: pl.DataFrame | No
     diagram = label_regimes(add_thermodynamics(frame), trends)
     diagram, temperature_fits = _add_free_energy_temperatures(diagram)
     diagram = _add_trajectory_temperatures(diagram, trajectories)
+    boundaries = regime_boundaries(diagram)
+    diagram = _add_nearest_boundaries(diagram, boundaries)
+    diagram = diagram.join(quadratic_entropy_residuals(diagram), on="point_id", how="left")
     sort_keys = [c for c in ("protocol", "noise", "seed", "radius", "wd", "lr") if c in diagram.columns]
     diagram = diagram.sort(sort_keys, nulls_last=True)
-    extras = {"temperature": temperature_fits, "boundaries": regime_boundaries(diagram)}
+    extras = {"temperature": temperature_fits, "boundaries": boundaries}
     return diagram, extras
+
+
+def _add_nearest_boundaries(diagram: pl.DataFrame, boundaries: list[dict[str, Any]]) -> pl.DataFrame:
+    """Add boundary_below and boundary_above: the nearest regime boundaries (lr) on each point's line."""
+    if not boundaries:
+        return diagram.with_columns(
+            pl.lit(None, dtype=pl.Float64).alias("boundary_below"), pl.lit(None, dtype=pl.Float64).alias("boundary_above")
+        )
+    keys = [k for k in SLICE_COORDINATES if k in diagram.columns]
+    table = pl.DataFrame(boundaries).select(*keys, "lr_boundary").cast({k: diagram.schema[k] for k in keys})
+    pairs = diagram.select("point_id", "lr", *keys).join(table, on=keys, how="inner", nulls_equal=True)
+    nearest = pairs.group_by("point_id").agg(
+        pl.col("lr_boundary").filter(pl.col("lr_boundary") < pl.col("lr")).max().alias("boundary_below"),
+        pl.col("lr_boundary").filter(pl.col("lr_boundary") > pl.col("lr")).min().alias("boundary_above"),
+    )
+    return diagram.join(nearest, on="point_id", how="left")
 
 
 def _add_free_energy_temperatures(diagram: pl.DataFrame) -> tuple[pl.DataFrame, list[dict[str, Any]]]:

@@ -39,6 +39,31 @@ def kozachenko_leonenko(samples: np.ndarray, k: int = 1) -> float:
     return float(dim * np.mean(np.log(eps)) + log_unit_ball + digamma(n) - digamma(k))
 
 
+def graph_length_entropy(samples: np.ndarray, k: int = 50, gamma: float = 1.0, manifold_dim: int | None = None) -> float:
+    """Entropic-graph estimate (nats) from the total length of the k-nearest-neighbour graph.
+
+    L_k = sum_i sum_{j in kNN(i)} ||x_i - x_j||^gamma (Euclidean, distances clipped at 1e-8), and
+    S = (m / gamma) * (ln L_k - ((m - gamma) / m) ln N), with m the dimension of the manifold the
+    samples live on (default: the ambient dimension minus 1, for points on a sphere). This is the
+    estimator of the free-energy analysis of SGD (Sadrtdinov, Klimov et al., arXiv:2505.23489): it
+    estimates the Renyi entropy of order (m - gamma)/m, close to Shannon entropy for large m, up to
+    an additive constant that depends on m, k and gamma only. Compare estimates of the same m, k
+    and gamma; absolute values are not entropies.
+
+    samples: (N, n) array. Raises ValueError when N <= k.
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    n = samples.shape[0]
+    if n <= k:
+        raise ValueError(f"need more than k = {k} samples for the graph-length entropy, got {n}")
+    m = manifold_dim if manifold_dim is not None else samples.shape[1] - 1
+    if m < 1:
+        raise ValueError(f"manifold dimension must be >= 1, got {m}")
+    distances, _ = cKDTree(samples).query(samples, k=k + 1)
+    length = float(np.sum(np.maximum(distances[:, 1:], 1e-8) ** gamma))
+    return (m / gamma) * (np.log(length) - ((m - gamma) / m) * np.log(n))
+
+
 def to_hyperspherical(directions: np.ndarray) -> np.ndarray:
     """Convert unit vectors (N, d) to hyperspherical angles (N, d - 1).
 

@@ -48,14 +48,27 @@ def usable_points(points: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def require_usable(points: pl.DataFrame) -> pl.DataFrame:
+    """Return the usable rows; raises ValueError saying why none are left when that happens."""
+    usable = usable_points(points)
+    if usable.height == 0:
+        diverged = int(points["diverged"].fill_null(True).sum())
+        not_stationary = int((~points["stationary"].fill_null(False)).sum())
+        raise ValueError(
+            f"no point can enter a fit: of {points.height} points, {diverged} diverged and {not_stationary} are not "
+            "stationary (or lack a finite S, T > 0, r2 or p); lengthen the runs or move the grid into the equilibrium regime"
+        )
+    return usable
+
+
 def fit_equation_of_state(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
     """Compare p r^2 with (d - 1) T per protocol, with the continuous and discrete predictions.
 
     Returns per protocol: n; median, mean and max of |p r^2 / ((d - 1) T) - 1| (continuous) and of
     the discrete-step ratio; and a least-squares line log(p r^2) = a + b log((d - 1) T) with b, its
-    standard error and R^2 (theory: b = 1, a = 0).
+    standard error and R^2 (theory: b = 1, a = 0). Raises ValueError when no point is usable.
     """
-    usable = usable_points(points)
+    usable = require_usable(points)
     out: dict[str, dict[str, Any]] = {}
     for protocol in sorted(usable["protocol"].unique().to_list()):
         rows = usable.filter(pl.col("protocol") == protocol)
@@ -98,9 +111,9 @@ def maxwell_slopes(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
     with fewer than 3 points are skipped. Returns, per protocol and relation: the mean slope over
     lines, its standard deviation across lines and standard error of the mean, the mean of the
     per-line least-squares standard errors, the number of lines, the theory value, and the
-    per-line slopes.
+    per-line slopes. Raises ValueError when no point is usable.
     """
-    usable = usable_points(points)
+    usable = require_usable(points)
     out: dict[str, dict[str, Any]] = {}
     for protocol, relations in MAXWELL_RELATIONS.items():
         rows = usable.filter(pl.col("protocol") == protocol)
@@ -159,9 +172,10 @@ def closed_form_agreement(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
     """Compare U and S_direction with the small-T closed forms, per protocol.
 
     Returns the median relative error of U - loss_min against (d - 1) T / 2 and the median
-    absolute error (nats) of S_direction against (d - 1)/2 log(2 pi e T).
+    absolute error (nats) of S_direction against (d - 1)/2 log(2 pi e T). Raises ValueError when
+    no point is usable.
     """
-    usable = usable_points(points)
+    usable = require_usable(points)
     out: dict[str, dict[str, Any]] = {}
     for protocol in sorted(usable["protocol"].unique().to_list()):
         rows = usable.filter(pl.col("protocol") == protocol)
@@ -191,9 +205,9 @@ def maxwell_quadratic(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
     Returns per protocol: the coefficients, R^2, the theory value, the mean derivative, the maximum
     relative error of the derivative over the points, and the quadratic coefficients divided by
     (d-1)/2. A protocol with fewer than 6 usable points or a single dim value is skipped with the
-    reason.
+    reason. Raises ValueError when no point is usable.
     """
-    usable = usable_points(points)
+    usable = require_usable(points)
     out: dict[str, dict[str, Any]] = {}
     for protocol, (y_axis, derivative, multiple) in QUADRATIC_RELATIONS.items():
         rows = usable.filter(pl.col("protocol") == protocol)
@@ -230,3 +244,26 @@ def maxwell_quadratic(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
             "quadratic_over_half_dof": [float(c / (dof / 2)) for c in (a3, a4, a5)],
         }
     return out
+
+
+def quadratic_entropy_residuals(points: pl.DataFrame) -> pl.DataFrame:
+    """Residual S - S_fit of every usable point from its protocol's quadratic fit (nats).
+
+    Returns point_id and S_quadratic_residual; protocols that `maxwell_quadratic` skips are absent.
+    """
+    usable = usable_points(points)
+    frames = []
+    for protocol, (y_axis, _, _) in QUADRATIC_RELATIONS.items():
+        rows = usable.filter(pl.col("protocol") == protocol)
+        if rows.height < 6 or rows["dim"].n_unique() != 1:
+            continue
+        x = np.log(rows["lr"].to_numpy().astype(np.float64))
+        y = np.log(rows[y_axis].to_numpy().astype(np.float64))
+        design = np.column_stack([np.ones_like(x), x, y, x * x, y * y, x * y])
+        if np.linalg.matrix_rank(design) < 6:
+            continue
+        coefficients, *_ = np.linalg.lstsq(design, rows["S"].to_numpy(), rcond=None)
+        frames.append(pl.DataFrame({"point_id": rows["point_id"], "S_quadratic_residual": rows["S"].to_numpy() - design @ coefficients}))
+    if not frames:
+        return pl.DataFrame(schema={"point_id": pl.String, "S_quadratic_residual": pl.Float64})
+    return pl.concat(frames)

@@ -236,11 +236,18 @@ def _print_fits(fits: dict[str, Any]) -> None:
     table = Table(title="equation of state and Maxwell relations")
     for column in ("protocol", "quantity", "measured", "theory"):
         table.add_column(column)
+    for section in ("equation_of_state", "maxwell"):
+        if "skipped" in fits.get(section, {}):
+            out.print(f"{section}: skipped ({_escape(fits[section]['skipped'])})")
     for protocol, eos in fits.get("equation_of_state", {}).items():
+        if not isinstance(eos, dict):
+            continue
         median = eos.get("continuous_median_abs_rel_error")
         if median is not None:
             table.add_row(protocol, "median |p r^2 / ((d-1) T) - 1|", f"{median:.4f}", "0")
     for protocol, relations in fits.get("maxwell", {}).items():
+        if not isinstance(relations, dict):
+            continue
         for name, fit in relations.items():
             if fit.get("slope") is None:
                 continue

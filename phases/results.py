@@ -58,10 +58,10 @@ def analyse(
         "n_stationary": int(diagram["stationary"].fill_null(False).sum()),
         "n_diverged": int(diagram["diverged"].fill_null(False).sum()),
         "regimes": {row["regime"]: row["len"] for row in diagram.group_by("regime").len().iter_rows(named=True)},
-        "equation_of_state": fit_equation_of_state(diagram),
-        "maxwell": maxwell_slopes(diagram),
-        "maxwell_quadratic": maxwell_quadratic(diagram),
-        "closed_forms": closed_form_agreement(diagram),
+        "equation_of_state": _fit_or_skip(fit_equation_of_state, diagram),
+        "maxwell": _fit_or_skip(maxwell_slopes, diagram),
+        "maxwell_quadratic": _fit_or_skip(maxwell_quadratic, diagram),
+        "closed_forms": _fit_or_skip(closed_form_agreement, diagram),
         "temperature": extras["temperature"],
         "trajectory_temperature": diagram.filter(pl.col("T_trajectory").is_not_null())
         .select("point_id", "protocol", "lr", "wd", "radius", "noise", "regime", "T_trajectory")
@@ -72,6 +72,15 @@ def analyse(
     store.write_json("fits.json", fits)
     _write_plots(store, diagram, fits)
     return fits
+
+
+def _fit_or_skip(fit, diagram: pl.DataFrame) -> dict[str, Any]:
+    """Run one fit; a ValueError (no usable points) is recorded as {"skipped": reason}."""
+    try:
+        return fit(diagram)
+    except ValueError as error:
+        logger.warning("%s skipped: %s", fit.__name__, error)
+        return {"skipped": str(error)}
 
 
 def _with_schema_columns(diagram: pl.DataFrame) -> pl.DataFrame:

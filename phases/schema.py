@@ -100,6 +100,9 @@ THERMO = (
     Column("T_free_energy_max", pa.float64(), "loss units", "upper end of that T interval"),
     Column("T_trajectory", pa.float64(), "loss units", "dU/dS along the trajectory at its end (median of the last 3 estimates); needs entropy.trajectory"),
     Column("regime", pa.string(), "-", "converged, equilibrium, divergent or unknown"),
+    Column("boundary_below", pa.float64(), "1/step", "nearest regime boundary (lr) below this point on its line; null if none"),
+    Column("boundary_above", pa.float64(), "1/step", "nearest regime boundary (lr) above this point on its line; null if none"),
+    Column("S_quadratic_residual", pa.float64(), "nats", "S minus the protocol's quadratic fit in (ln lr, ln wd or ln radius)"),
 )
 
 TRAJECTORY_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in IDENTITY + TRAJECTORY])

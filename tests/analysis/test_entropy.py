@@ -11,6 +11,7 @@ from scipy import stats
 from analysis.entropy import (
     direction_entropy,
     gaussian_direction_entropy,
+    graph_length_entropy,
     kozachenko_leonenko,
     log_jacobian,
     to_hyperspherical,
@@ -94,3 +95,31 @@ def test_to_hyperspherical_known_points():
     assert angles[0] == pytest.approx([np.pi / 2, 0.0])
     assert angles[1] == pytest.approx([0.0, 0.0])
     assert angles[2] == pytest.approx([np.pi / 2, np.pi / 2])
+
+
+def test_graph_length_entropy_scales_with_spread():
+    # Scaling the samples by c multiplies L_k by c^gamma, so the estimate moves by exactly m ln c.
+    rng = np.random.default_rng(4)
+    samples = rng.standard_normal((2000, 5))
+    base = graph_length_entropy(samples, k=10, manifold_dim=5)
+    assert graph_length_entropy(3.0 * samples, k=10, manifold_dim=5) - base == pytest.approx(5 * math.log(3.0), abs=1e-9)
+    assert graph_length_entropy(3.0 * samples, k=10, gamma=2.0, manifold_dim=5) - graph_length_entropy(
+        samples, k=10, gamma=2.0, manifold_dim=5
+    ) == pytest.approx(5 * math.log(3.0), abs=1e-9)
+
+
+def test_graph_length_entropy_tracks_von_mises_fisher_differences():
+    # Defined up to a constant: the difference between two temperatures on S^2 must match the
+    # exact entropy difference log(T2/T1) = log 10, within 0.15 nats (1000 samples, k = 50).
+    rng = np.random.default_rng(8)
+    mu = np.array([0.0, 1.0, 0.0])
+    cold = stats.vonmises_fisher(mu, 1 / 5e-3).rvs(1000, random_state=rng)
+    warm = stats.vonmises_fisher(mu, 1 / 5e-2).rvs(1000, random_state=rng)
+    difference = graph_length_entropy(warm, k=50) - graph_length_entropy(cold, k=50)
+    exact = float(von_mises_fisher_entropy_s2(5e-2) - von_mises_fisher_entropy_s2(5e-3))
+    assert difference == pytest.approx(exact, abs=0.15)
+
+
+def test_graph_length_entropy_rejects_too_few_samples():
+    with pytest.raises(ValueError, match="more than k = 50"):
+        graph_length_entropy(np.zeros((50, 3)), k=50)

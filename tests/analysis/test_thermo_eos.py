@@ -149,3 +149,10 @@ def test_quadratic_maxwell_skips_small_grids():
     table = add_thermodynamics(_ideal_gas_table()).filter(pl.col("protocol") != "elr").head(4)
     fits = maxwell_quadratic(table)
     assert "skipped" in fits["lr"]
+
+
+def test_all_divergent_points_named():
+    table = add_thermodynamics(_ideal_gas_table()).with_columns(diverged=pl.lit(True))
+    for fit in (fit_equation_of_state, maxwell_slopes, maxwell_quadratic):
+        with pytest.raises(ValueError, match=f"of {table.height} points, {table.height} diverged"):
+            fit(table)
