@@ -27,8 +27,19 @@ TEMPERATURE_SLICE = ("radius", "noise", "batch_size", "seed")
 TEMPERATURE_COLUMNS = ("T_free_energy", "T_free_energy_min", "T_free_energy_max")
 
 
-def build_phase_diagram(summaries: pl.DataFrame, trajectories: pl.DataFrame | None = None) -> tuple[pl.DataFrame, dict[str, Any]]:
+def build_phase_diagram(
+    summaries: pl.DataFrame,
+    trajectories: pl.DataFrame | None = None,
+    *,
+    temperature_half_width: float | None = None,
+    temperature_slack: float = 0.0,
+    stationarity_tolerance: float = 0.02,
+    stationarity_alpha: float = 0.01,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Return the phase diagram and the fits that come with it (temperatures, boundaries).
+
+    The keyword arguments are the thresholds of `free_energy_temperatures` (half_width, slack) and
+    of `detect_stationarity` (tolerance, alpha).
 
     Steps: the log-time stationarity test and the convergence trends on the trajectories (when
     given; `stationary` then requires both the summary's own check and the trend test); T, p, V, S
@@ -39,12 +50,13 @@ def build_phase_diagram(summaries: pl.DataFrame, trajectories: pl.DataFrame | No
     trends = None
     if trajectories is not None and trajectories.height:
         frame = frame.drop([c for c in ("stationary_from", "trend_change", "trend_stationary") if c in frame.columns])
-        frame = frame.join(detect_stationarity(trajectories), on="point_id", how="left").with_columns(
+        verdicts = detect_stationarity(trajectories, tolerance=stationarity_tolerance, alpha=stationarity_alpha)
+        frame = frame.join(verdicts, on="point_id", how="left").with_columns(
             stationary=pl.col("stationary").fill_null(False) & pl.col("trend_stationary").fill_null(False)
         )
         trends = convergence_trends(trajectories)
     diagram = label_regimes(add_thermodynamics(frame), trends)
-    diagram, temperature_fits = _add_free_energy_temperatures(diagram)
+    diagram, temperature_fits = _add_free_energy_temperatures(diagram, temperature_half_width, temperature_slack)
     diagram = _add_trajectory_temperatures(diagram, trajectories)
     boundaries = regime_boundaries(diagram)
     diagram = _add_nearest_boundaries(diagram, boundaries)
@@ -71,7 +83,9 @@ def _add_nearest_boundaries(diagram: pl.DataFrame, boundaries: list[dict[str, An
     return diagram.join(nearest, on="point_id", how="left")
 
 
-def _add_free_energy_temperatures(diagram: pl.DataFrame) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
+def _add_free_energy_temperatures(
+    diagram: pl.DataFrame, half_width: float | None, slack: float
+) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
     fits: list[dict[str, Any]] = []
     found: list[pl.DataFrame] = []
     sphere = diagram.filter((pl.col("protocol") == "sphere") & (pl.col("regime") == "equilibrium") & pl.col("S").is_finite())
@@ -79,7 +93,7 @@ def _add_free_energy_temperatures(diagram: pl.DataFrame) -> tuple[pl.DataFrame, 
     for key, line in sphere.group_by(keys, maintain_order=True):
         coords = dict(zip(keys, key))
         try:
-            result = free_energy_temperatures(line.select("lr", "U", "S"))
+            result = free_energy_temperatures(line.select("lr", "U", "S"), half_width=half_width, slack=slack)
         except ValueError as error:
             fits.append({**coords, "skipped": str(error)})
             continue

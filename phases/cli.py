@@ -67,6 +67,8 @@ def fit(
     output: Annotated[Optional[str], typer.Option("--out", help="Output directory for logs (default: runs/<file stem or experiment>). Ignored for a sweep directory.")] = None,
     dim: Annotated[Optional[int], typer.Option(min=2, help="Number of scale-invariant parameters d, when the logs have no dim column.")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI for mlflow://EXPERIMENT.")] = None,
+    slack: Annotated[float, typer.Option(min=0.0, help="Logs only: slack epsilon of the free-energy temperature, in loss units.")] = 0.0,
+    half_width: Annotated[Optional[float], typer.Option(min=0.0, help="Logs only: smoothing half-width in ln(lr) for free-energy temperatures (default: two grid spacings).")] = None,
 ) -> None:
     """Fit the phase diagram: re-run the analysis of a sweep, or analyse someone else's training logs.
 
@@ -87,7 +89,8 @@ def fit(
 
     target = output or str(Path("runs") / (Path(path).stem if is_log_file else path.removeprefix("mlflow://")))
     try:
-        written, fits, notes = fit_external(path, target, dim=dim, tracking_uri=tracking_uri)
+        settings = {"temperature_slack": slack, "temperature_half_width": half_width}
+        written, fits, notes = fit_external(path, target, dim=dim, tracking_uri=tracking_uri, analysis=settings)
     except ValueError as exc:
         console.print(f"[red]error:[/] {_escape(str(exc))}")
         raise typer.Exit(2) from None

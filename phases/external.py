@@ -65,10 +65,13 @@ def read_mlflow_logs(experiment: str, tracking_uri: str) -> pl.DataFrame:
     return pl.concat(frames, how="diagonal_relaxed")
 
 
-def fit_external(source: str, output: str | Path, *, dim: int | None = None, tracking_uri: str | None = None) -> tuple[SweepStore, dict[str, Any], list[str]]:
+def fit_external(
+    source: str, output: str | Path, *, dim: int | None = None, tracking_uri: str | None = None, analysis: dict[str, Any] | None = None
+) -> tuple[SweepStore, dict[str, Any], list[str]]:
     """Analyse external logs into the directory `output`; returns (store, fits, skipped results).
 
-    source: a .csv or .parquet path, or `mlflow://EXPERIMENT` (with `tracking_uri`).
+    source: a .csv or .parquet path, or `mlflow://EXPERIMENT` (with `tracking_uri`). analysis: the
+    thresholds of the spec's `analysis` section (temperature_half_width, temperature_slack, ...).
     Raises ValueError with one clear message for unreadable input, missing columns or wrong types.
     """
     from phases import __version__
@@ -86,7 +89,7 @@ def fit_external(source: str, output: str | Path, *, dim: int | None = None, tra
     output = Path(output)
     store = SweepStore(output.parent if str(output.parent) else ".", output.name)
     store.makedirs()
-    spec = {"name": output.name, "kind": "external", "source": source, "dim": dim}
+    spec = {"name": output.name, "kind": "external", "source": source, "dim": dim, "analysis": analysis or {}}
     store.write_text("spec.yaml", yaml.safe_dump(spec, sort_keys=False))
     store.write_table("trajectories.parquet", _trajectory_table(trajectories))
     fits = analyse(store, summaries, spec, __version__, trajectories)

@@ -45,7 +45,7 @@ def analyse(
     store: SweepStore, summaries: pl.DataFrame, spec: dict[str, Any], version: str, trajectories: pl.DataFrame | None = None
 ) -> dict[str, Any]:
     """Run the analysis on the summaries (and trajectories) and write points, diagram, fits and plots."""
-    diagram, extras = build_phase_diagram(summaries, trajectories)
+    diagram, extras = build_phase_diagram(summaries, trajectories, **(spec.get("analysis") or {}))
     diagram = _with_schema_columns(diagram)
     points = diagram.select([f.name for f in POINTS_SCHEMA])
     store.write_table("points.parquet", points.to_arrow().cast(POINTS_SCHEMA))

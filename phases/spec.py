@@ -68,6 +68,17 @@ class EntropySettings(_Model):
     trajectory: bool = Field(False, description="also estimate the ensemble's entropy at every logging step")
 
 
+class AnalysisSettings(_Model):
+    """Thresholds of the analysis; the defaults are documented in docs/analysis.md."""
+
+    temperature_half_width: float | None = Field(
+        None, ge=0, description="smoothing half-width in ln(lr) for free-energy temperatures; null: two grid spacings"
+    )
+    temperature_slack: float = Field(0.0, ge=0, description="slack epsilon (loss units) of F_i <= F_j + epsilon")
+    stationarity_tolerance: float = Field(0.02, gt=0, description="largest accepted relative change across a stationary window")
+    stationarity_alpha: float = Field(0.01, gt=0, lt=1, description="significance level of the trend test")
+
+
 class Resources(_Model):
     """What one trial (one chunk) asks Ray for."""
 
@@ -101,6 +112,7 @@ class SweepSpec(_Model):
     log: LogSchedule = LogSchedule()
     stationary: StationarySettings = StationarySettings()
     entropy: EntropySettings = EntropySettings()
+    analysis: AnalysisSettings = AnalysisSettings()
     chunk_size: int = Field(32, ge=1, description="points per Ray Tune trial")
     resources: Resources = Resources()
     max_failures: int = Field(2, ge=0, description="retries of a failed trial before it is recorded as failed")
@@ -136,6 +148,7 @@ class SweepSpec(_Model):
         data.pop("resources")
         data.pop("max_failures")
         data.pop("checkpoint_every_s")
+        data.pop("analysis")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
