@@ -5,7 +5,7 @@ A quantity that is positive throughout is regressed in ln, so that a loss fallin
 magnitude shows as the trend it is. The window counts as stationary when the fitted change across
 it (|slope| * (ln t_end - ln t0), relative to the mean level for quantities not in ln) is below
 `tolerance`, or is not significant at level `alpha` (two-sided t-test on the slope). Replica means logged on a log-spaced schedule are close to independent between
-logs once the run mixes, which is what the t-test assumes; the tolerance keeps tiny but
+logs once the run mixes, which is what the t-test assumes. The tolerance keeps tiny but
 significant drifts from counting as non-stationary. The earliest passing start among the
 candidates (each logged step in the first half of the run) is reported, so the window is as long
 as the data allow, and windows shorter than `min_points` logs or spanning less than a factor of 2

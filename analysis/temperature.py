@@ -20,8 +20,8 @@ from scipy import stats
 from analysis.thermo import require_columns
 
 # Default smoothing half-width in ln(lr), in grid spacings. The reference analysis used 0.3 on a grid
-# 14 points per decade (spacing 0.16), about two spacings; a coarser grid needs a wider kernel for
-# the same effect, so the default scales with the grid.
+# of 14 points per decade (spacing 0.16), which is about two spacings. A coarser grid needs a wider
+# kernel for the same effect, so the default scales with the grid.
 DEFAULT_HALF_WIDTH_SPACINGS = 2.0
 DEFAULT_SLACK = 0.0  # epsilon: how much higher than the minimum F a state may be
 

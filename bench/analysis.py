@@ -8,9 +8,10 @@ last eighth of the run, and regime labels. Reported: wall time of the steps (rea
 excluded), peak resident memory of each process, and the ratio.
 
 The pandas implementation costs about 0.3 s per point here, so on the full table it would run for
-hours: it runs on the first `--pandas-points` points of the full table (held in memory whole, so
-its peak memory is comparable) and its time is scaled linearly to all points, which is exact up to
-noise because the per-point work does not depend on the other points. The result says so.
+hours. It therefore runs on the first `--pandas-points` points, with the whole table in memory so
+that its peak memory is comparable, and its time is scaled linearly to all points. The scaling is
+exact up to noise because the per-point work does not depend on the other points. The result
+marks the scaled time.
 
 Usage: python bench/analysis.py [--rows 10000000] [--out bench/out/analysis.json]
 """
@@ -79,7 +80,7 @@ def run_polars(path: Path) -> float:
 
 
 def run_pandas(path: Path, points: int) -> tuple[float, float]:
-    """The same steps with pandas groupby-apply and numpy per point, on the first `points` points.
+    """Run the same steps with pandas groupby-apply and numpy per point, on the first `points` points.
 
     Returns (measured seconds, seconds scaled to every point of the table).
     """
@@ -117,7 +118,12 @@ def run_pandas(path: Path, points: int) -> tuple[float, float]:
         grad_fit = stats.linregress(np.log(tail["step"]), np.log(tail["grad_norm"]))
         stationary = start_index is not None
         converging = loss_fit.slope < -0.05 and loss_fit.pvalue < 0.01 and grad_fit.slope < 0
-        regime = "converged" if converging and not stationary else ("equilibrium" if stationary else "unknown")
+        if converging and not stationary:
+            regime = "converged"
+        elif stationary:
+            regime = "equilibrium"
+        else:
+            regime = "unknown"
         return pd.Series({"U": window["loss"].mean(), "r": window["radius_norm"].mean(), "regime": regime})
 
     result = frame.groupby("point_id").apply(per_point, include_groups=False)

@@ -49,7 +49,11 @@ def read_mlflow_logs(experiment: str, tracking_uri: str) -> pl.DataFrame:
         loss_key = next((k for k in LOSS_METRICS if k in run.data.metrics), None)
         norm_key = next((k for k in NORM_METRICS if k in run.data.metrics), None)
         if missing or loss_key is None or norm_key is None:
-            needs = missing + ([] if loss_key else ["metric loss"]) + ([] if norm_key else ["metric weight_norm"])
+            needs = list(missing)
+            if loss_key is None:
+                needs.append("metric loss")
+            if norm_key is None:
+                needs.append("metric weight_norm")
             raise ValueError(f"MLflow run {run.info.run_id} lacks {', '.join(needs)}; every run needs params lr, wd and metrics loss, weight_norm")
         columns: dict[str, dict[int, float]] = {}
         for key, name in [(loss_key, "loss"), (norm_key, "weight_norm")] + [(k, k) for k in OPTIONAL_METRICS if k in run.data.metrics]:

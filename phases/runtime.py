@@ -20,8 +20,8 @@ ENVIRONMENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "RAY_AIR_NEW_OUTPUT": "0",
-    # Every trial checkpoint forces an experiment snapshot with num_to_keep set; that is intended
-    # (checkpoints are rare and small), so Tune's warning about frequent snapshots is noise here.
+    # With num_to_keep set, every trial checkpoint forces an experiment snapshot. That is intended
+    # because checkpoints are rare and small, so Tune's warning about frequent snapshots is noise.
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
 

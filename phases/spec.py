@@ -80,7 +80,7 @@ class AnalysisSettings(_Model):
 
 
 class Resources(_Model):
-    """What one trial (one chunk) asks Ray for."""
+    """Ray resources requested by one trial (one chunk)."""
 
     cpu: float = Field(1.0, gt=0, description="CPUs per trial")
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; a fraction shares one GPU")

@@ -59,7 +59,7 @@ def default_tracking_uri(store: SweepStore) -> str | None:
 
 
 def check_tracking(tracking_uri: str) -> str | None:
-    """Return None if the tracking store answers, else the error as text."""
+    """Return None if the tracking store responds, else the error as text."""
     try:
         _client(tracking_uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"; the caller reports it

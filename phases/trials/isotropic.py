@@ -564,7 +564,7 @@ def uniform_levels(landscape: Landscape, dim: int, samples: int, k: int) -> tupl
     """Mean loss and estimated direction entropy of uniformly random directions.
 
     The entropy uses the same estimator and sample size as the ensemble estimate, so the two are
-    comparable despite the estimator's bias; the exact value is log of the sphere's area.
+    comparable despite the estimator's bias. The exact value is the log of the sphere's area.
     """
     rng = np.random.default_rng(12345)
     directions = rng.standard_normal((dim, 1, max(samples, k + 2)))

@@ -170,7 +170,7 @@ def test_cli_subprocess_reports_yaml_error(tmp_path):
 
 
 def test_error_path_counts_grids_as_written():
-    # Grid 0 lists two protocols; the error in the second grid must still say grids[1].
+    # Grid 0 lists two protocols, so the error in the second grid must still name grids[1].
     data = copy.deepcopy(VALID)
     data["grids"][0]["protocol"] = ["elr", "lr"]
     data["grids"][1]["axes"]["wd"] = [0.1]
