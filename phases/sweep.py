@@ -109,9 +109,9 @@ def run_sweep(
     done = set(plan.store.list_parts()) & set(plan.chunk_ids)
     missing = [c for c in plan.chunks if c.chunk_id not in done]
     console.print(
-        f"[bold]sweep[/] {plan.spec.name}: {len(plan.points)} points in {len(plan.chunks)} chunks"
-        f" ({len(done)} already done) -> {plan.store.uri}"
+        f"[bold]sweep[/] {plan.spec.name}: {len(plan.points)} points in {len(plan.chunks)} chunks ({len(done)} already done)"
     )
+    console.print(f"directory: {plan.store.uri}", soft_wrap=True)
 
     errors: dict[str, str] = {}
     if missing:
