@@ -34,29 +34,36 @@ MAXWELL_RELATIONS: dict[str, tuple[tuple[str, str, str, float], ...]] = {
 MIN_LINE_POINTS = 3
 
 
-def usable_points(points: pl.DataFrame) -> pl.DataFrame:
-    """Return the rows that may enter a fit: stationary, not diverged, finite S, r2 and p, T > 0."""
+def usable_points(points: pl.DataFrame, *, need_entropy: bool = True) -> pl.DataFrame:
+    """Return the rows that may enter a fit: stationary, not diverged, T > 0, finite r2 and p, and
+    (when `need_entropy`) a finite S."""
     require_columns(points, ("stationary", "diverged", "S", "T", "r2", "p"), "fits")
-    return points.filter(
+    condition = (
         pl.col("stationary").fill_null(False)
         & ~pl.col("diverged").fill_null(True)
-        & pl.col("S").is_finite()
-        & pl.col("T").is_finite()
-        & (pl.col("T") > 0)
-        & pl.col("r2").is_finite()
-        & pl.col("p").is_finite()
+        & pl.col("T").is_finite().fill_null(False)
+        & (pl.col("T") > 0).fill_null(False)
+        & pl.col("r2").is_finite().fill_null(False)
+        & pl.col("p").is_finite().fill_null(False)
     )
+    if need_entropy:
+        condition = condition & pl.col("S").is_finite().fill_null(False)
+    return points.filter(condition)
 
 
-def require_usable(points: pl.DataFrame) -> pl.DataFrame:
-    """Return the usable rows; raises ValueError saying why none are left when that happens."""
-    usable = usable_points(points)
+def require_usable(points: pl.DataFrame, *, need_entropy: bool = True) -> pl.DataFrame:
+    """Return the usable rows; raises ValueError counting why none are left when that happens."""
+    usable = usable_points(points, need_entropy=need_entropy)
     if usable.height == 0:
         diverged = int(points["diverged"].fill_null(True).sum())
         not_stationary = int((~points["stationary"].fill_null(False)).sum())
+        no_temperature = int((~(pl.Series(points["T"].fill_null(0.0) > 0))).sum())
+        no_entropy = int((~points["S"].is_finite().fill_null(False)).sum()) if need_entropy else 0
         raise ValueError(
-            f"no point can enter a fit: of {points.height} points, {diverged} diverged and {not_stationary} are not "
-            "stationary (or lack a finite S, T > 0, r2 or p); lengthen the runs or move the grid into the equilibrium regime"
+            f"no point can enter a fit: of {points.height} points, {diverged} diverged, {not_stationary} are not stationary, "
+            f"{no_temperature} have no temperature (T needs sigma2 and, for lr, dim)"
+            + (f" and {no_entropy} have no entropy S" if need_entropy else "")
+            + "; supply the missing columns, lengthen the runs or move the grid into the equilibrium regime"
         )
     return usable
 
@@ -66,9 +73,10 @@ def fit_equation_of_state(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
 
     Returns per protocol: n; median, mean and max of |p r^2 / ((d - 1) T) - 1| (continuous) and of
     the discrete-step ratio; and a least-squares line log(p r^2) = a + b log((d - 1) T) with b, its
-    standard error and R^2 (theory: b = 1, a = 0). Raises ValueError when no point is usable.
+    standard error and R^2 (theory: b = 1, a = 0). The entropy is not needed. Raises ValueError when
+    no point is usable.
     """
-    usable = require_usable(points)
+    usable = require_usable(points, need_entropy=False)
     out: dict[str, dict[str, Any]] = {}
     for protocol in sorted(usable["protocol"].unique().to_list()):
         rows = usable.filter(pl.col("protocol") == protocol)
@@ -139,7 +147,8 @@ def _fit_lines(rows: pl.DataFrame, x_axis: str, fixed_axis: str, multiple: float
     slopes: list[float] = []
     stderrs: list[float] = []
     lines: list[dict[str, Any]] = []
-    dims: set[int] = set()
+    dims = {int(d) for d in rows["dim"].unique().to_list()}
+    rows = rows.filter(pl.col(x_axis) > 0)  # log axes: wd = 0 (no weight decay) cannot enter
     for key, line in rows.group_by(keys, maintain_order=True):
         line = line.sort(x_axis)
         x = np.log(line[x_axis].to_numpy().astype(np.float64))
@@ -148,12 +157,14 @@ def _fit_lines(rows: pl.DataFrame, x_axis: str, fixed_axis: str, multiple: float
         fit = stats.linregress(x, line["S"].to_numpy())
         slopes.append(float(fit.slope))
         stderrs.append(float(fit.stderr))
-        dims.add(int(line["dim"][0]))
         lines.append({**dict(zip(keys, key)), "slope": float(fit.slope), "stderr": float(fit.stderr), "n": line.height})
 
     theory = multiple * (dims.pop() - 1) if len(dims) == 1 else None
     if not slopes:
-        return {"slope": None, "slope_std": None, "slope_sem": None, "n_lines": 0, "theory": theory, "lines": []}
+        return {
+            "slope": None, "slope_std": None, "slope_sem": None, "n_lines": 0, "theory": theory, "lines": [],
+            "skipped": f"no line of at least {MIN_LINE_POINTS} usable points along {x_axis} with {fixed_axis} fixed",
+        }
     values = np.array(slopes)
     spread = float(values.std(ddof=1)) if values.size > 1 else None
     return {
@@ -210,7 +221,7 @@ def maxwell_quadratic(points: pl.DataFrame) -> dict[str, dict[str, Any]]:
     usable = require_usable(points)
     out: dict[str, dict[str, Any]] = {}
     for protocol, (y_axis, derivative, multiple) in QUADRATIC_RELATIONS.items():
-        rows = usable.filter(pl.col("protocol") == protocol)
+        rows = usable.filter((pl.col("protocol") == protocol) & (pl.col(y_axis) > 0))
         if rows.height == 0:
             continue
         dims = rows["dim"].unique().to_list()
@@ -254,7 +265,7 @@ def quadratic_entropy_residuals(points: pl.DataFrame) -> pl.DataFrame:
     usable = usable_points(points)
     frames = []
     for protocol, (y_axis, _, _) in QUADRATIC_RELATIONS.items():
-        rows = usable.filter(pl.col("protocol") == protocol)
+        rows = usable.filter((pl.col("protocol") == protocol) & (pl.col(y_axis) > 0))
         if rows.height < 6 or rows["dim"].n_unique() != 1:
             continue
         x = np.log(rows["lr"].to_numpy().astype(np.float64))

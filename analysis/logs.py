@@ -38,6 +38,8 @@ def read_logs(path: str | Path) -> pl.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty; it needs a header and rows with lr, wd, step, loss, weight_norm")
     if path.suffix.lower() == ".csv":
         frame = pl.read_csv(path, infer_schema_length=10000)
     elif path.suffix.lower() in (".parquet", ".pq"):
@@ -70,6 +72,10 @@ def normalise_logs(frame: pl.DataFrame, *, dim: int | None = None, source: str =
     for column in (*REQUIRED, "radius_norm", *[c for c in NUMERIC_OPTIONAL if c in frame.columns]):
         if not frame.schema[column].is_numeric():
             raise ValueError(f"{source}: column {column!r} must be numeric, got {frame.schema[column]}")
+    steps = frame["step"].cast(pl.Float64)
+    if steps.null_count() or not (steps == steps.round(0)).all() or (steps < 0).any():
+        raise ValueError(f"{source}: column 'step' must contain non-negative whole numbers of SGD steps")
+    frame = frame.with_columns(pl.col("step").cast(pl.Int64))
     if "protocol" not in frame.columns:
         frame = frame.with_columns(protocol=pl.lit("lr"))
     unknown = sorted(set(frame["protocol"].unique().to_list()) - set(PROTOCOLS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +13,8 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from analysis.eos import usable_points  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 HEATMAP_QUANTITIES = (("U", "U (loss)"), ("T", "T (loss units)"), ("S", "S (nats)"))
 
@@ -24,36 +27,50 @@ def write_plots(diagram: pl.DataFrame, directory: str | Path, fits: dict | None 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    boundaries = (fits or {}).get("boundaries", [])
-    for protocol in sorted(diagram["protocol"].unique().to_list()):
-        mine = [b for b in boundaries if b.get("protocol") == protocol]
-        written.append(regime_map(diagram.filter(pl.col("protocol") == protocol), protocol, directory / f"regimes_{protocol}.png", mine))
-    for index, entry in enumerate((fits or {}).get("temperature", [])):
-        if "points" in entry:
-            written.append(temperature_panels(diagram, entry, directory / f"temperature_{index}.png"))
-    for protocol in sorted(diagram["protocol"].unique().to_list()):
-        path = heatmaps(diagram.filter(pl.col("protocol") == protocol), protocol, directory / f"heatmaps_{protocol}.png")
+    for figure in _figures(diagram, directory, fits):
+        try:
+            path = figure()
+        except (ValueError, RuntimeError, KeyError) as error:  # a figure the data cannot support is skipped
+            logger.warning("plot skipped: %s", error)
+            continue
         if path:
             written.append(path)
+    return written
+
+
+def _figures(diagram: pl.DataFrame, directory: Path, fits: dict | None):
+    """Yield one callable per figure; each returns the written path (or None when not applicable)."""
+    boundaries = (fits or {}).get("boundaries", [])
+    for protocol in sorted(diagram["protocol"].unique().to_list()):
+        rows = diagram.filter(pl.col("protocol") == protocol)
+        mine = [b for b in boundaries if b.get("protocol") == protocol]
+        yield lambda rows=rows, protocol=protocol, mine=mine: regime_map(rows, protocol, directory / f"regimes_{protocol}.png", mine)
+    for index, entry in enumerate((fits or {}).get("temperature", [])):
+        if "points" in entry:
+            yield lambda entry=entry, index=index: temperature_panels(diagram, entry, directory / f"temperature_{index}.png")
+    for protocol in sorted(diagram["protocol"].unique().to_list()):
+        rows = diagram.filter(pl.col("protocol") == protocol)
+        yield lambda rows=rows, protocol=protocol: heatmaps(rows, protocol, directory / f"heatmaps_{protocol}.png")
     # Log-log figures need positive T and p r^2; a converged point at zero noise has T = 0.
     usable = usable_points(diagram).filter((pl.col("T") > 0) & (pl.col("p") * pl.col("r2") > 0))
     if usable.height:
-        written.append(equation_of_state_collapse(usable, directory / "equation_of_state.png"))
+        yield lambda: equation_of_state_collapse(usable, directory / "equation_of_state.png")
         for protocol, x_axis, fixed in (("elr", "wd", "lr"), ("lr", "wd", "lr"), ("sphere", "radius", "lr")):
-            rows = usable.filter(pl.col("protocol") == protocol)
+            rows = usable.filter((pl.col("protocol") == protocol) & (pl.col(x_axis) > 0))
             if rows.height:
-                written.append(entropy_lines(rows, x_axis, fixed, directory / f"entropy_vs_{x_axis}_{protocol}.png"))
-    return written
+                yield lambda rows=rows, x_axis=x_axis, fixed=fixed, protocol=protocol: entropy_lines(
+                    rows, x_axis, fixed, directory / f"entropy_vs_{x_axis}_{protocol}.png"
+                )
 
 
 def heatmaps(rows: pl.DataFrame, protocol: str, path: Path) -> Path | None:
     """U, T and S over lr x wd (radius for sphere), averaged over other coordinates."""
     y_axis = "radius" if protocol == "sphere" else "wd"
     grid = rows.group_by(["lr", y_axis]).agg([pl.col(q).mean() for q, _ in HEATMAP_QUANTITIES] + [pl.col("regime").first()])
-    xs = np.sort(grid["lr"].unique().to_numpy())
-    ys = np.sort(grid[y_axis].unique().to_numpy())
-    if xs.size < 2 or ys.size < 2:
-        return None
+    xs = np.sort(grid["lr"].unique().drop_nulls().to_numpy())
+    ys = np.sort(grid[y_axis].unique().drop_nulls().to_numpy())
+    if xs.size < 2 or ys.size < 2 or np.any(xs <= 0) or np.any(ys <= 0):
+        return None  # log-scaled cells need two or more positive values on each axis
 
     # Fixed margins: matplotlib's constrained layout costs about a second per figure.
     fig, axes = plt.subplots(1, len(HEATMAP_QUANTITIES), figsize=(5 * len(HEATMAP_QUANTITIES), 4))

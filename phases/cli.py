@@ -258,7 +258,8 @@ def _print_fits(fits: dict[str, Any]) -> None:
             measured = f"{fit['slope']:.4f}" + (f" ± {sem:.4f}" if sem is not None else "")
             theory = fit.get("theory")
             table.add_row(protocol, name, measured, "-" if theory is None else f"{theory:.4f}")
-    out.print(table)
+    if table.row_count:
+        out.print(table)
     out.print(f"regimes: {fits.get('regimes')}")
 
 

@@ -86,7 +86,10 @@ def fit_external(
             raise ValueError("reading from MLflow needs --tracking-uri (for example sqlite:///mlflow.db)")
         raw = read_mlflow_logs(source[len(MLFLOW_PREFIX):], tracking_uri)
     else:
-        raw = read_logs(source)
+        try:
+            raw = read_logs(source)
+        except pl.exceptions.PolarsError as error:
+            raise ValueError(f"{source}: cannot read the file: {str(error).splitlines()[0]}") from None
     trajectories = normalise_logs(raw, dim=dim, source=source)
     summaries = summarise_logs(trajectories)
 

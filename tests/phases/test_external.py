@@ -126,3 +126,25 @@ def test_fit_mlflow_needs_tracking_uri():
     result = CliRunner().invoke(app, ["fit", "mlflow://anything"])
     assert result.exit_code == 2
     assert "needs --tracking-uri" in " ".join(result.output.split())
+
+
+def test_fit_logs_without_weight_decay(logs, tmp_path):
+    # wd = 0 is legitimate (no weight decay): the fit and its plots must not fail on ln(0).
+    path = tmp_path / "no_wd.csv"
+    pl.concat([logs, logs.filter(pl.col("wd") == 0.01).with_columns(wd=pl.lit(0.0), run=pl.col("run") + "-nowd")]).write_csv(path)
+    result = CliRunner().invoke(app, ["fit", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert load_sweep(tmp_path / "out").diagram.filter(pl.col("wd") == 0.0).height == 4
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "the file is empty"), ("lr,wd,step,loss,weight_norm\n0.1,0.0,1.5,1.0,1.0\n", "column 'step' must contain non-negative whole numbers")],
+    ids=["zero bytes", "fractional step"],
+)
+def test_fit_rejects_malformed_files(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    result = CliRunner().invoke(app, ["fit", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
