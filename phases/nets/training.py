@@ -11,8 +11,8 @@ g is the minibatch gradient plus optional isotropic noise sigma P_w xi / r (xi s
 P_w the projection on the tangent space), the same noise model as the isotropic kind. Plain SGD,
 no momentum.
 
-NOTE: this is the per-model step; the population training of a chunk (many points in one batched
-model) is still to be built on top of it.
+NOTE: this is the step of one model. The population training of a chunk, many points in one
+batched model, is not built yet.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class StepSettings:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What one step measured: the step size used, the radius before and the pre-projection norm."""
+    """Measurements of one step: the step size used, the radius before and the pre-projection norm."""
 
     lr_step: float
     radius_before: float
