@@ -6,7 +6,9 @@ sweep and produce the same files in an output directory.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,11 @@ def fit_external(
     store.makedirs()
     spec = {"name": output.name, "kind": "external", "source": source, "dim": dim, "analysis": analysis or {}}
     store.write_text("spec.yaml", yaml.safe_dump(spec, sort_keys=False))
+    if not store.exists("sweep.json"):
+        # The uid lets `phases track` find this analysis's MLflow run again instead of duplicating it.
+        digest = hashlib.sha256(f"{source}|{store.uri}".encode()).hexdigest()[:16]
+        store.write_json("sweep.json", {"name": output.name, "uid": f"{output.name}-{digest}", "spec_digest": digest,
+                                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "version": __version__})
     store.write_table("trajectories.parquet", _trajectory_table(trajectories))
     fits = analyse(store, summaries, spec, __version__, trajectories)
     notes = missing_results(trajectories)

@@ -97,7 +97,9 @@ def _log_sweep(store: SweepStore, tracking_uri: str, experiment: str, child_limi
 
     points = pl.from_arrow(store.read_table("diagram.parquet"))
     existing = _existing_children(client, experiment_id, parent_id)
-    by_chunk = points.height > child_limit
+    spec = yaml.safe_load(store.read_text("spec.yaml"))
+    # External logs have no chunks, so they always get one nested run per point.
+    by_chunk = points.height > child_limit and spec.get("kind") != "external"
     children = _chunk_children(store, points) if by_chunk else _point_children(points)
     created = 0
     now = int(time.time() * 1000)
@@ -118,7 +120,6 @@ def _log_sweep(store: SweepStore, tracking_uri: str, experiment: str, child_limi
         created += 1
 
     fits = store.read_json("fits.json")
-    spec = yaml.safe_load(store.read_text("spec.yaml"))
     parent_metrics = [Metric(k, v, now, 0) for k, v in _flatten_fits(fits).items()]
     for start in range(0, len(parent_metrics), MAX_BATCH_METRICS):
         client.log_batch(parent_id, metrics=parent_metrics[start : start + MAX_BATCH_METRICS])
@@ -196,16 +197,15 @@ def _chunk_children(store: SweepStore, points: pl.DataFrame):
 
 
 def _spec_params(spec: dict[str, Any], n_points: int) -> dict[str, Any]:
-    return {
+    params = {
         "name": spec["name"],
         "kind": spec["kind"],
-        "protocols": ",".join(sorted({g["protocol"] for g in spec["grids"]})),
+        "protocols": ",".join(sorted({g["protocol"] for g in spec.get("grids", [])})),
         "points": n_points,
-        "steps": spec["steps"],
-        "replicas": spec["replicas"],
-        "chunk_size": spec["chunk_size"],
-        **{f"params.{k}": v for k, v in spec.get("params", {}).items()},
+        **{key: spec[key] for key in ("steps", "replicas", "chunk_size", "source") if spec.get(key) is not None},
+        **{f"params.{k}": v for k, v in (spec.get("params") or {}).items()},
     }
+    return {key: value for key, value in params.items() if value != ""}
 
 
 def _flatten_fits(fits: dict[str, Any]) -> dict[str, float]:

@@ -148,3 +148,17 @@ def test_fit_rejects_malformed_files(tmp_path, content, message):
     result = CliRunner().invoke(app, ["fit", str(path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+def test_track_external_fit_once(logs, tmp_path):
+    path = tmp_path / "logs.csv"
+    logs.write_csv(path)
+    assert CliRunner().invoke(app, ["fit", str(path), "--out", str(tmp_path / "fitted")]).exit_code == 0
+    uri = f"sqlite:///{tmp_path / 'track.db'}"
+    for _ in range(2):
+        tracked = CliRunner().invoke(app, ["track", str(tmp_path / "fitted"), "--tracking-uri", uri])
+        assert tracked.exit_code == 0, tracked.output
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("phases")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    assert len(runs) == 1 + 8  # one parent, one nested run per logged run
