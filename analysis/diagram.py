@@ -41,10 +41,11 @@ def build_phase_diagram(
     The keyword arguments are the thresholds of `free_energy_temperatures` (half_width, slack) and
     of `detect_stationarity` (tolerance, alpha).
 
-    Steps: the log-time stationarity test and the convergence trends on the trajectories (when
-    given; `stationary` then requires both the summary's own check and the trend test); T, p, V, S
-    and predictions; regime labels; free-energy temperatures on every `sphere` line of learning
-    rates; trajectory temperatures for points that are not in equilibrium; regime boundaries.
+    Steps, in order: the log-time stationarity test and the convergence trends, when trajectories
+    are given (`stationary` then requires both the summary's own check and the trend test). Then
+    T, p, V, S and predictions, and regime labels. Then free-energy temperatures on every `sphere`
+    line of learning rates, trajectory temperatures for points not in equilibrium, and the regime
+    boundaries.
     """
     frame = summaries
     trends = None
@@ -122,8 +123,8 @@ def _add_free_energy_temperatures(
 def _add_trajectory_temperatures(diagram: pl.DataFrame, trajectories: pl.DataFrame | None) -> pl.DataFrame:
     values: dict[str, float] = {}
     if trajectories is not None and "S_direction" in trajectories.columns:
-        wanted = diagram.filter(pl.col("regime").is_in(["converged", "unknown"]))["point_id"]
-        with_entropy = trajectories.filter(pl.col("point_id").is_in(wanted.to_list()) & pl.col("S_direction").is_not_null())
+        unsettled = diagram.filter(pl.col("regime").is_in(["converged", "unknown"]))["point_id"]
+        with_entropy = trajectories.filter(pl.col("point_id").is_in(unsettled.to_list()) & pl.col("S_direction").is_not_null())
         for (point_id,), trajectory in with_entropy.group_by(["point_id"]):
             try:
                 estimate = trajectory_temperature(trajectory)["T_trajectory"].drop_nulls()

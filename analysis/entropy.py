@@ -44,10 +44,9 @@ def graph_length_entropy(samples: np.ndarray, k: int = 50, gamma: float = 1.0, m
 
     L_k = sum_i sum_{j in kNN(i)} ||x_i - x_j||^gamma (Euclidean, distances clipped at 1e-8), and
     S = (m / gamma) * (ln L_k - ((m - gamma) / m) ln N), with m the dimension of the manifold the
-    samples live on (default: the ambient dimension minus 1, for points on a sphere). This is the
-    estimator of the free-energy analysis of SGD (Sadrtdinov, Klimov et al., arXiv:2505.23489): it
-    estimates the Renyi entropy of order (m - gamma)/m, close to Shannon entropy for large m, up to
-    an additive constant that depends on m, k and gamma only. Compare estimates of the same m, k
+    samples live on (default: the ambient dimension minus 1, for points on a sphere). It estimates
+    the Renyi entropy of order (m - gamma)/m, which is close to Shannon entropy for large m. The
+    estimate carries an additive constant that depends on m, k and gamma only. Compare estimates of the same m, k
     and gamma; absolute values are not entropies.
 
     samples: (N, n) array. Raises ValueError when N <= k.
@@ -116,10 +115,10 @@ def rotate_mean_to_chart_centre(directions: np.ndarray) -> np.ndarray:
 def direction_entropy(directions: np.ndarray, k: int = 1, standardise: bool = True) -> float:
     """Estimate the entropy (nats) of a distribution of directions on S^{d-1} from samples.
 
-    Steps: normalise to unit length; reflect the cloud's mean to the centre of the angle chart;
-    convert to d - 1 hyperspherical angles; optionally centre and scale each angle by its standard
-    deviation s_j (adding sum log s_j back); apply the Kozachenko-Leonenko estimator in the chart;
-    add the mean log-Jacobian of the chart, which turns chart entropy into surface entropy.
+    Steps: normalise to unit length, and reflect the cloud's mean to the centre of the angle chart.
+    Convert to d - 1 hyperspherical angles, and optionally centre and scale each angle by its
+    standard deviation s_j (adding sum log s_j back). Apply the Kozachenko-Leonenko estimator in the
+    chart, then add the mean log-Jacobian, which turns chart entropy into surface entropy.
 
     directions: (N, d) array, any positive lengths.
     """

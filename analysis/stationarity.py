@@ -8,8 +8,8 @@ it (|slope| * (ln t_end - ln t0), relative to the mean level for quantities not 
 logs once the run mixes, which is what the t-test assumes. The tolerance keeps tiny but
 significant drifts from counting as non-stationary. The earliest passing start among the
 candidates (each logged step in the first half of the run) is reported, so the window is as long
-as the data allow, and windows shorter than `min_points` logs or spanning less than a factor of 2
-in t are never accepted.
+as the data allow. Windows shorter than MIN_POINTS logs, or spanning less than a factor of 2 in t,
+are never accepted.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Temperature of SGD from free-energy minimisation across learning rates.
 
 At a fixed learning rate eta the stationary state minimises F = U - T S over the states SGD can
-reach, for some temperature T(eta) (Sadrtdinov, Klimov et al., "SGD as Free Energy Minimization",
-arXiv:2505.23489). Given the stationary (U_i, S_i) of a grid of learning rates, state i is the
+reach, for some temperature T(eta). Given the stationary (U_i, S_i) of a grid of learning rates, state i is the
 minimum of F among all observed states exactly for T in an interval [T_min, T_max]: the slopes of
 the supporting lines of the curve S -> U at point i (its Legendre dual). Units: T in loss units
 when U is in loss units and S in nats.

@@ -21,11 +21,11 @@ import polars as pl
 REQUIRED = ("protocol", "lr", "wd", "sigma2", "dim", "r", "r2", "S_direction")
 
 
-def require_columns(frame: pl.DataFrame, columns: tuple[str, ...] | list[str], what: str) -> None:
-    """Raise ValueError naming the columns `what` needs and the frame lacks."""
+def require_columns(frame: pl.DataFrame, columns: tuple[str, ...] | list[str], caller: str) -> None:
+    """Raise ValueError naming the columns `caller` needs and the frame lacks."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"{what} needs columns {', '.join(missing)}, which the table does not have; present: {', '.join(frame.columns)}")
+        raise ValueError(f"{caller} needs columns {', '.join(missing)}, which the table does not have; present: {', '.join(frame.columns)}")
 
 
 def temperature(protocol: str, lr: float, wd: float, sigma2: float, dim: int) -> float:

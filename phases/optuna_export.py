@@ -1,9 +1,9 @@
 """Export a phase diagram to Optuna studies, so Optuna's plots and optuna-dashboard can show it.
 
 One study per (protocol, noise) slice, named `<sweep>/<protocol>/noise=<noise>`. Each point becomes
-a finished trial whose parameters are its swept coordinates (lr and wd, or lr and radius for
-`sphere`), whose value is its stationary loss U (direction: minimise), and whose user attributes
-carry its regime, T, S and point_id. A point without a finite U (diverged) becomes a failed trial.
+a finished trial. Its parameters are the swept coordinates (lr and wd, or lr and radius for
+`sphere`), its value is the stationary loss U (direction: minimise), and its user attributes
+contain the regime, T, S and point_id. A point without a finite U (diverged) becomes a failed trial.
 """
 
 from __future__ import annotations

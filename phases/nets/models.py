@@ -6,8 +6,8 @@ shortcut scales like the main branch. The head is bias-free and frozen at a rand
 rescaled to a fixed Frobenius norm (10 for cross-entropy). The loss is then invariant to scaling
 all trainable weights together, which form one vector with one radius r.
 
-NOTE: BatchNorm's eps breaks the invariance by a relative O(eps / activation variance); the
-default eps here is 1e-8 instead of PyTorch's 1e-5 to keep that below 1e-5 for scalings 0.1-10.
+NOTE: BatchNorm's eps breaks the invariance by a relative O(eps / activation variance). The
+default eps here is 1e-8, not PyTorch's 1e-5, so that the error stays below 1e-5 for scalings 0.1-10.
 """
 
 from __future__ import annotations

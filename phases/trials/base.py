@@ -18,7 +18,7 @@ from phases.spec import SweepSpec
 
 @dataclass
 class ChunkResult:
-    """What a kind returns for a chunk.
+    """Result of a kind's training of one chunk.
 
     `trajectories` maps point_id to that point's columns (equal-length sequences, one entry per
     logged step). `summaries` maps point_id to the stationary summary of that point.
