@@ -27,7 +27,11 @@ logger = logging.getLogger(__name__)
 
 
 def compact(store: SweepStore, chunk_ids: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Read the finished parts; return (trajectories, summaries) as polars frames."""
+    """Read the finished parts; return (trajectories, summaries) as polars frames.
+
+    NOTE: parts are cast to the current PART_SCHEMA, so part files written by a version with other
+    columns fail here; re-run such a sweep into a new directory.
+    """
     tables = [store.read_table(part_name(chunk_id)).cast(PART_SCHEMA) for chunk_id in chunk_ids]
     if not tables:
         parts = pl.from_arrow(PART_SCHEMA.empty_table())
