@@ -11,7 +11,7 @@ from typing import Any
 from phases.spec import SweepSpec
 
 # Coordinate columns every point carries; an axis a kind or protocol does not use is null.
-COORDINATES = ("lr", "wd", "noise", "radius", "batch_size", "seed")
+COORDINATES = ("lr", "wd", "noise", "radius", "batch_size", "seed", "width")
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,15 @@ def expand(spec: SweepSpec) -> list[Point]:
     points: list[Point] = []
     for index, grid in enumerate(spec.grids):
         steps = grid.steps or spec.steps
-        defaults = kind.axis_defaults(grid.protocol)
+        defaults = kind.axis_defaults(grid.protocol, kind.validate_params(spec.params))
         names = list(grid.axes)
         for values in itertools.product(*(grid.axes[name] for name in names)):
             coords: dict[str, Any] = {name: None for name in COORDINATES}
             coords.update(defaults)
             coords.update(dict(zip(names, values)))
-            identity = {**shared, "protocol": grid.protocol, "steps": steps, "coords": coords}
+            # A null width is left out of the hash, so kinds without a width keep their earlier ids.
+            hashed = {k: v for k, v in coords.items() if not (k == "width" and v is None)}
+            identity = {**shared, "protocol": grid.protocol, "steps": steps, "coords": hashed}
             digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
             points.append(Point(digest[:16], spec.kind, grid.protocol, steps, index, coords))
     return points

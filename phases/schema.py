@@ -21,7 +21,7 @@ class Column:
 
 IDENTITY = (
     Column("point_id", pa.string(), "-", "stable hash of the point's settings and coordinates"),
-    Column("kind", pa.string(), "-", "trial kind: isotropic, ..."),
+    Column("kind", pa.string(), "-", "trial kind: isotropic or scale_invariant"),
     Column("protocol", pa.string(), "-", "sphere, elr or lr"),
     Column("lr", pa.float64(), "1/step", "effective LR elr for sphere and elr; the plain SGD step for lr"),
     Column("wd", pa.float64(), "1/step", "weight decay lambda (coupled L2); 0 for sphere"),
@@ -29,6 +29,7 @@ IDENTITY = (
     Column("radius", pa.float64(), "-", "fixed norm ||w|| under sphere; null otherwise"),
     Column("batch_size", pa.int64(), "samples", "minibatch size; null where the kind has none"),
     Column("seed", pa.int64(), "-", "seed coordinate of the point"),
+    Column("width", pa.int64(), "channels", "network width (ConvNet c, ResNet k, MLP hidden units); null where the kind has none"),
 )
 
 TRAJECTORY = (
@@ -45,6 +46,9 @@ TRAJECTORY = (
     Column("S_direction", pa.float64(), "nats", "entropy of the replicas' directions at this step; null unless entropy.trajectory"),
     Column("test_loss", pa.float64(), "loss units", "held-out loss; null where the kind has no test set"),
     Column("test_acc", pa.float64(), "fraction", "held-out accuracy; null where the kind has no test set"),
+    Column("train_acc", pa.float64(), "fraction", "full-batch training accuracy; null where the kind has no labels"),
+    Column("temperature", pa.float64(), "loss units", "T from this step's sigma2: elr sigma2 / 2 (sphere, elr), sqrt(lr wd sigma2 / (2 (d - 1))) (lr)"),
+    Column("lambda_eff", pa.float64(), "1/step", "sphere: effective weight decay of the last step, (||w after step|| - r) / (elr r^3)"),
 )
 
 SUMMARY = (
@@ -77,6 +81,9 @@ SUMMARY = (
     Column("drift_U", pa.float64(), "-", "relative change of U between the window halves"),
     Column("drift_z_r2", pa.float64(), "-", "z-score of the ||w||^2 change between window halves (paired replicas)"),
     Column("drift_z_U", pa.float64(), "-", "z-score of the U change between window halves (paired replicas)"),
+    Column("train_acc", pa.float64(), "fraction", "mean full-batch training accuracy over the window; null where the kind has no labels"),
+    Column("test_loss", pa.float64(), "loss units", "mean held-out loss over the window; null where the kind has no test set"),
+    Column("test_acc", pa.float64(), "fraction", "mean held-out accuracy over the window; null where the kind has no test set"),
 )
 
 THERMO = (

@@ -30,8 +30,9 @@ AXIS_RULES: dict[str, tuple[str, Any]] = {
     "radius": ("must be > 0", lambda v: v > 0),
     "batch_size": ("must be an integer >= 1", lambda v: float(v).is_integer() and v >= 1),
     "seed": ("must be an integer >= 0", lambda v: float(v).is_integer() and v >= 0),
+    "width": ("must be an integer >= 1", lambda v: float(v).is_integer() and v >= 1),
 }
-INTEGER_AXES = ("batch_size", "seed")
+INTEGER_AXES = ("batch_size", "seed", "width")
 
 
 class SpecError(ValueError):

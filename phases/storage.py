@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 PART_SUFFIX = ".parquet"
 
 

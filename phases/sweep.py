@@ -22,9 +22,10 @@ from phases import __version__
 from phases.grid import Chunk, Point, chunk, expand
 from phases.results import analyse, compact, write_tables
 from phases.runtime import apply_environment_defaults, check_ray_address, start_ray, stop_ray
-from phases.spec import SweepSpec, load
+from phases.spec import SpecError, SweepSpec, load
 from phases.storage import SweepStore
 from phases.trial_runner import train_chunk
+from phases.trials import get_kind
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ def plan_sweep(spec_or_path: SweepSpec | str | Path | dict, *, name: str | None 
     if name is not None and spec.name != name:
         spec = spec.model_copy(update={"name": name})
     points = expand(spec)
+    try:
+        get_kind(spec.kind).check_inputs(spec)
+    except (ValueError, FileNotFoundError) as error:
+        raise SpecError(str(spec_or_path) if isinstance(spec_or_path, (str, Path)) else spec.name, "params", str(error)) from None
     return SweepPlan(spec, SweepStore(storage, spec.name), points, chunk(points, spec.chunk_size))
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from phases.trials.base import ChunkResult, TrialContext, TrialKind
 from phases.trials.isotropic import IsotropicKind
+from phases.trials.network import NetworkKind
 
-_KINDS: dict[str, TrialKind] = {kind.name: kind for kind in (IsotropicKind(),)}
+_KINDS: dict[str, TrialKind] = {kind.name: kind for kind in (IsotropicKind(), NetworkKind())}
 
 __all__ = ["ChunkResult", "TrialContext", "TrialKind", "get_kind", "kind_names"]
 

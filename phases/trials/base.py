@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +16,8 @@ from pydantic import BaseModel
 
 from phases.grid import Chunk
 from phases.spec import SweepSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +56,24 @@ class TrialContext:
         return self.load_state() if self.load_state is not None else None
 
 
+def train_with_checkpoints(population: Any, steps: int, block: int, context: TrialContext, label: str) -> None:
+    """Advance a kind's population to `steps` in blocks, restoring its last checkpoint first and
+    saving one every `context.checkpoint_every_s` seconds.
+
+    population: has `step`, `advance(until)`, `state()` and `load(arrays, meta)`.
+    """
+    restored = context.restore()
+    if restored is not None:
+        population.load(*restored)
+        logger.info("chunk %s: resumed from step %d", label, population.step)
+    last_checkpoint = time.monotonic()
+    while population.step < steps:
+        population.advance(min(steps, population.step + block))
+        if time.monotonic() - last_checkpoint > context.checkpoint_every_s and population.step < steps:
+            context.checkpoint(*population.state())
+            last_checkpoint = time.monotonic()
+
+
 def write_state_dir(directory: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Write a kind's state as `state.npz` (arrays, no pickles) and `state.json`."""
     np.savez(directory / "state.npz", **arrays)
@@ -85,9 +107,13 @@ class TrialKind(abc.ABC):
     def required_axes(self, protocol: str) -> tuple[str, ...]:
         return ("lr",)
 
-    def axis_defaults(self, protocol: str) -> dict[str, Any]:
-        """Coordinates a point gets when its grid does not sweep that axis."""
+    def axis_defaults(self, protocol: str, params: BaseModel | None = None) -> dict[str, Any]:
+        """Coordinates a point gets when its grid does not sweep that axis; `params` are the kind's."""
         return {}
+
+    def check_inputs(self, spec: SweepSpec) -> None:
+        """Check what the spec points at outside itself (data files); raise ValueError naming the
+        problem and the fix. Runs before any Ray work."""
 
     @abc.abstractmethod
     def run(self, chunk: Chunk, context: TrialContext) -> ChunkResult:

@@ -17,7 +17,6 @@ from `batch_size` objects drawn uniformly with replacement (the minibatch noise 
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -29,9 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from analysis.entropy import direction_entropy
 from phases.grid import Chunk
 from phases.spec import SweepSpec
-from phases.trials.base import ChunkResult, TrialContext, TrialKind
-
-logger = logging.getLogger(__name__)
+from phases.trials.base import ChunkResult, TrialContext, TrialKind, train_with_checkpoints
 
 # How often (in steps) replicas are checked for a non-finite or runaway radius.
 DIVERGENCE_CHECK_EVERY = 50
@@ -404,7 +401,7 @@ class IsotropicKind(TrialKind):
     def required_axes(self, protocol: str) -> tuple[str, ...]:
         return ("lr",) if protocol == "sphere" else ("lr", "wd")
 
-    def axis_defaults(self, protocol: str) -> dict[str, Any]:
+    def axis_defaults(self, protocol: str, params: BaseModel | None = None) -> dict[str, Any]:
         defaults: dict[str, Any] = {"noise": 1.0, "seed": 0}
         if protocol == "sphere":
             defaults.update(radius=1.0, wd=0.0)
@@ -421,18 +418,7 @@ class IsotropicKind(TrialKind):
         seed = chunk_seed(chunk)
         population = Population(chunk, spec, params, seed)
 
-        restored = context.restore()
-        if restored is not None:
-            population.load(*restored)
-            logger.info("chunk %s: resumed from step %d", chunk.chunk_id, population.step)
-
-        last_checkpoint = time.monotonic()
-        block = max(1000, chunk.steps // 50)
-        while population.step < chunk.steps:
-            population.advance(min(chunk.steps, population.step + block))
-            if time.monotonic() - last_checkpoint > context.checkpoint_every_s and population.step < chunk.steps:
-                context.checkpoint(*population.state())
-                last_checkpoint = time.monotonic()
+        train_with_checkpoints(population, chunk.steps, max(1000, chunk.steps // 50), context, chunk.chunk_id)
 
         return ChunkResult(_trajectories(chunk, population), _summaries(chunk, population, spec))
 

@@ -60,7 +60,7 @@ def test_parquet_schema_read_back(smoke):
     assert trajectories["test_acc"].null_count() == trajectories.height  # no test set: null, not 0
 
     meta = pq.read_schema(sweep_dir / "diagram.parquet").metadata
-    assert meta[b"phases.schema_version"] == b"1"
+    assert meta[b"phases.schema_version"] == b"2"
     assert yaml.safe_load(meta[b"phases.spec"])["name"] == "ideal_gas_smoke"
 
 
