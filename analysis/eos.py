@@ -278,3 +278,52 @@ def quadratic_entropy_residuals(points: pl.DataFrame) -> pl.DataFrame:
     if not frames:
         return pl.DataFrame(schema={"point_id": pl.String, "S_quadratic_residual": pl.Float64})
     return pl.concat(frames)
+
+
+COLLAPSE_QUANTITIES = ("U", "sigma2", "T")
+
+
+def elr_collapse(points: pl.DataFrame) -> dict[str, Any]:
+    """Under `elr`, U, sigma2 and T should depend on the effective LR only, not on wd.
+
+    For each effective LR with at least two usable points (stationary, not diverged, finite T),
+    reports each quantity's spread across wd: (max - min) / mean and the coefficient of variation.
+    With injected noise (a `noise` column above 0) the minibatch part sigma2 - noise^2 is reported
+    as `sigma2_minibatch` too, since the injected part is the same for every point by construction.
+    Also whether T increases with the effective LR (the medians per LR, in LR order) and the
+    Spearman rank correlation of T with LR over all usable points. Raises ValueError when no
+    `elr` point is usable.
+    """
+    require_columns(points, ("protocol", "lr", "wd", *COLLAPSE_QUANTITIES), "elr_collapse")
+    usable = usable_points(points.filter(pl.col("protocol") == "elr"), need_entropy=False)
+    if usable.height == 0:
+        raise ValueError("no usable elr point: the collapse across weight decays needs stationary elr points")
+    quantities = COLLAPSE_QUANTITIES
+    if "noise" in usable.columns and usable["noise"].fill_null(0.0).max() > 0:
+        # With injected noise, sigma2 = noise^2 + the measured minibatch part; report that part too.
+        usable = usable.with_columns(sigma2_minibatch=pl.col("sigma2") - pl.col("noise").fill_null(0.0) ** 2)
+        quantities = (*COLLAPSE_QUANTITIES, "sigma2_minibatch")
+    lines: list[dict[str, Any]] = []
+    for (lr,), rows in sorted(usable.group_by(["lr"]), key=lambda item: item[0][0]):
+        entry: dict[str, Any] = {"lr": float(lr), "n": rows.height, "wd": sorted(rows["wd"].to_list())}
+        for name in quantities:
+            values = rows[name].to_numpy().astype(float)
+            mean = float(np.mean(values))
+            entry[f"{name}_mean"] = mean
+            if rows.height >= 2 and mean != 0:
+                entry[f"{name}_range_rel"] = float(np.ptp(values) / abs(mean))
+                entry[f"{name}_cv"] = float(np.std(values, ddof=1) / abs(mean))
+        lines.append(entry)
+    compared = [line for line in lines if line["n"] >= 2]
+    summary: dict[str, Any] = {"n_points": usable.height, "n_lr": len(lines), "per_lr": lines}
+    for name in quantities:
+        spreads = [line[f"{name}_range_rel"] for line in compared if f"{name}_range_rel" in line]
+        summary[f"{name}_median_range_rel"] = float(np.median(spreads)) if spreads else None
+        summary[f"{name}_max_range_rel"] = float(np.max(spreads)) if spreads else None
+    medians = [float(np.median(usable.filter(pl.col("lr") == line["lr"])["T"].to_numpy())) for line in lines]
+    summary["T_increases_with_lr"] = bool(len(medians) >= 2 and all(b > a for a, b in zip(medians, medians[1:])))
+    if usable.height >= 3:
+        rho = stats.spearmanr(usable["lr"].to_numpy(), usable["T"].to_numpy())
+        summary["T_lr_spearman"] = float(rho.statistic)
+        summary["T_lr_spearman_p"] = float(rho.pvalue)
+    return summary

@@ -18,7 +18,7 @@ import pyarrow as pa
 import yaml
 
 from analysis.diagram import build_phase_diagram, diagram_metadata
-from analysis.eos import closed_form_agreement, fit_equation_of_state, maxwell_quadratic, maxwell_slopes
+from analysis.eos import closed_form_agreement, elr_collapse, fit_equation_of_state, maxwell_quadratic, maxwell_slopes
 from analysis.plots import write_plots
 from phases.schema import IDENTITY, PART_SCHEMA, POINTS_SCHEMA, TRAJECTORY_SCHEMA
 from phases.storage import SCHEMA_VERSION, SweepStore, part_name
@@ -63,6 +63,7 @@ def analyse(
         "n_diverged": int(diagram["diverged"].fill_null(False).sum()),
         "regimes": {row["regime"]: row["len"] for row in diagram.group_by("regime").len().iter_rows(named=True)},
         "equation_of_state": _fit_or_skip(fit_equation_of_state, diagram),
+        "elr_collapse": _fit_or_skip(elr_collapse, diagram) if "elr" in diagram["protocol"].to_list() else None,
         "maxwell": _fit_or_skip(maxwell_slopes, diagram),
         "maxwell_quadratic": _fit_or_skip(maxwell_quadratic, diagram),
         "closed_forms": _fit_or_skip(closed_form_agreement, diagram),
