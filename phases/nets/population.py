@@ -330,8 +330,53 @@ class PopulationNet:
 
     def loss_and_gradient(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute each member's mean minibatch loss (P,) and its gradient with respect to the member's row (P, d)."""
+        if self.architecture.name == "mlp":
+            return self._mlp_loss_and_gradient(W, x, y)
         W = W.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self.losses(W, x, y)[0].mean(dim=1)
             (gradient,) = torch.autograd.grad(loss.sum(), W)
         return loss.detach(), gradient
+
+    def _mlp_loss_and_gradient(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP's loss and gradient with the backward pass written out, without autograd.
+
+        The MLP's steps are so small that autograd's per-node overhead would dominate them. Per
+        layer: z = x W^T, n = batch-normalised z, a = relu(n); then logits = a head^T and the
+        mean cross-entropy. The backward pass applies the chain rule to the same steps, and a test
+        compares it with autograd on the reference model.
+        """
+        weights = self.weights(W.detach())
+        members, batch = x.shape[0], x.shape[1]
+        average = x.new_full((members, 1, batch), 1.0 / batch)
+        inputs, normalised, scales = [], [], []
+        out = x.reshape(members, batch, -1)
+        for weight in weights:
+            inputs.append(out)
+            z = torch.bmm(out, weight.transpose(1, 2))
+            centred = z - torch.bmm(average, z)
+            scale = torch.rsqrt(torch.bmm(average, centred * centred) + BN_EPS)
+            n = centred.mul_(scale)
+            normalised.append(n)
+            scales.append(scale)
+            out = torch.relu(n)
+        logits = out @ self.head.T  # (P, B, classes)
+        log_probabilities = torch.log_softmax(logits, dim=-1)
+        picked = log_probabilities.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (P, B)
+        loss = -picked.mean(dim=1)
+
+        grad_logits = log_probabilities.exp_()
+        grad_logits.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(picked, -1.0).unsqueeze(-1))
+        grad_logits.mul_(1.0 / batch)
+        grad_out = grad_logits @ self.head
+        gradients = [torch.empty(0)] * len(weights)
+        for layer in reversed(range(len(weights))):
+            n, scale = normalised[layer], scales[layer]
+            grad_n = torch.ops.aten.threshold_backward(grad_out, n, 0)
+            grad_z = grad_n - torch.bmm(average, grad_n)
+            grad_z.addcmul_(n, torch.bmm(average, grad_n * n), value=-1.0)
+            grad_z.mul_(scale)
+            gradients[layer] = torch.bmm(grad_z.transpose(1, 2), inputs[layer])  # (P, out, in), as the weight
+            if layer:
+                grad_out = torch.bmm(grad_z, weights[layer])
+        return loss, torch.cat([g.reshape(members, -1) for g in gradients], dim=1)

@@ -124,8 +124,10 @@ class Slice:
     def __init__(self, net: PopulationNet, rows: list[int], batch_size: int, device: torch.device):
         self.net = net
         self.rows = rows  # indices into the population's member list
+        self.rows_tensor = torch.tensor(rows, device=device)
         self.batch_size = batch_size
         self.device = device
+        self.any_diverged = False  # set once a member diverges; restored from `diverged` on resume
 
 
 class NetworkPopulation:
@@ -247,7 +249,8 @@ class NetworkPopulation:
     def _step_slice(self, piece: Slice, W: torch.Tensor, in_window: bool, half: int, record_angle: bool) -> torch.Tensor:
         rows = piece.rows
         x_all, y_all = self.train[self.member_width[rows[0]]]
-        index = torch.stack([torch.randint(len(y_all), (piece.batch_size,), generator=self.generators[m], device=piece.device) for m in rows])
+        samples = len(y_all)
+        index = torch.stack([torch.randint(samples, (piece.batch_size,), generator=self.generators[m], device=piece.device) for m in rows])
         loss, gradient = piece.net.loss_and_gradient(W, piece.net.gather(x_all, index), y_all[index])
 
         W64 = W.to(torch.float64)
@@ -264,15 +267,17 @@ class NetworkPopulation:
         moved, lr_t, r = protocol_update(W64, g, self.protocol, lr, self.wd[rows], self.radius[rows])
         norm_after = torch.linalg.vector_norm(moved, dim=1, keepdim=True)
 
-        bad = ~torch.isfinite(loss) | ~torch.isfinite(norm_after[:, 0]) | (norm_after[:, 0] > self.params.max_radius) | (norm_after[:, 0] < 1.0 / self.params.max_radius)
-        rows_tensor = torch.tensor(rows, device=piece.device)
-        newly = bad & ~self.diverged[rows_tensor]
-        if bool(newly.any()):
+        # A non-finite loss or gradient makes the norm NaN, and NaN fails both comparisons.
+        healthy = (norm_after[:, 0] < self.params.max_radius) & (norm_after[:, 0] > 1.0 / self.params.max_radius)
+        rows_tensor = piece.rows_tensor
+        if not bool(healthy.all()):
+            newly = ~healthy & ~self.diverged[rows_tensor]
             for row in torch.nonzero(newly).flatten().tolist():
                 self.diverged_step[rows[row]] = self.step + 1
-            self.diverged[rows_tensor] |= bad
+            self.diverged[rows_tensor] |= ~healthy
+            piece.any_diverged = True
         parked = self.diverged[rows_tensor][:, None]
-        if bool(parked.any()):
+        if piece.any_diverged:
             # Keep diverged members finite at their start; their points are reported diverged.
             start = torch.stack([self.initial[self.member_width[m]] for m in rows]).to(torch.float64)
             moved = torch.where(parked, start, torch.nan_to_num(moved))
@@ -409,6 +414,8 @@ class NetworkPopulation:
         self.last_angle = torch.as_tensor(arrays["last_angle"], device=device).clone()
         self.last_lambda_eff = torch.as_tensor(arrays["last_lambda_eff"], device=device).clone()
         self.diverged = torch.as_tensor(arrays["diverged"], device=device).clone()
+        for piece in self.slices:
+            piece.any_diverged = bool(self.diverged[piece.rows_tensor].any())
         self.diverged_step = arrays["diverged_step"].copy()
         self.log_rows = list(arrays["log_rows"])
         for generator, state in zip(self.generators, arrays["generators"]):
@@ -459,7 +466,8 @@ def members_per_slice(model: ScaleInvariant, input_shape: tuple[int, ...], batch
             hook.remove()
     per_member = 4 * sum(sizes) * batch * torch.finfo(dtype).bits // 8
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free, total = torch.cuda.mem_get_info(device)
+        free = min(free, int(torch.cuda.get_per_process_memory_fraction(device) * total))
     else:
         import psutil
 
@@ -519,6 +527,10 @@ class NetworkKind(TrialKind):
         params = self.validate_params(spec.params)
         torch.set_num_threads(max(1, int(spec.resources.cpu)))
         device = torch.device(context.device)
+        if device.type == "cuda" and 0 < spec.resources.gpu < 1:
+            # A trial given a GPU fraction keeps its CUDA allocations within that fraction.
+            # NOTE: not run on a GPU here; bench/gpu_check.py is the check for GPU machines.
+            torch.cuda.set_per_process_memory_fraction(spec.resources.gpu, device)
         data = load_dataset(params)
         population = NetworkPopulation(chunk, spec, params, data, device)
         logger.info(
