@@ -128,6 +128,8 @@ class Slice:
         self.batch_size = batch_size
         self.device = device
         self.any_diverged = False  # set once a member diverges; restored from `diverged` on resume
+        self.index_cache = torch.empty(len(rows), 0, batch_size, dtype=torch.int64, device=device)
+        self.cache_position = INDEX_BLOCK  # the first step draws a block
 
 
 class NetworkPopulation:
@@ -249,9 +251,8 @@ class NetworkPopulation:
     def _step_slice(self, piece: Slice, W: torch.Tensor, in_window: bool, half: int, record_angle: bool) -> torch.Tensor:
         rows = piece.rows
         x_all, y_all = self.train[self.member_width[rows[0]]]
-        samples = len(y_all)
-        index = torch.stack([torch.randint(samples, (piece.batch_size,), generator=self.generators[m], device=piece.device) for m in rows])
-        loss, gradient = piece.net.loss_and_gradient(W, piece.net.gather(x_all, index), y_all[index])
+        index = self._next_minibatches(piece, len(y_all))
+        loss, gradient = piece.net.loss_and_gradient(W, piece.net.gather(x_all, index), torch.take(y_all, index))
 
         W64 = W.to(torch.float64)
         g = gradient.to(torch.float64)
@@ -300,6 +301,21 @@ class NetworkPopulation:
             for k, value in enumerate(values):
                 self.step_sums[k, half, rows_tensor] += torch.where(parked[:, 0], 0.0, value)
         return moved.to(self.dtype)
+
+    def _next_minibatches(self, piece: Slice, samples: int) -> torch.Tensor:
+        """Return this step's minibatch indices (P, B), drawn with replacement.
+
+        Each member draws INDEX_BLOCK steps of indices at once from its own stream, so the per-call
+        cost is paid once per block. The draws depend only on the member's stream, not on its slice.
+        """
+        if piece.cache_position >= INDEX_BLOCK:
+            piece.index_cache = torch.stack(
+                [torch.randint(samples, (INDEX_BLOCK, piece.batch_size), generator=self.generators[m], device=piece.device) for m in piece.rows]
+            )
+            piece.cache_position = 0
+        index = piece.index_cache[:, piece.cache_position]
+        piece.cache_position += 1
+        return index
 
     # -- measurements -----------------------------------------------------------------------
 
@@ -396,10 +412,12 @@ class NetworkPopulation:
             "generators": np.stack([g.get_state().cpu().numpy() for g in self.generators]),
             "measure_generators": np.stack([g.get_state().cpu().numpy() for g in self.measure_generators]),
         }
-        for index in range(len(self.slices)):
+        for index, piece in enumerate(self.slices):
             arrays[f"W{index}"] = self.W[index].cpu().numpy()
             arrays[f"snapshots{index}"] = self.snapshots[index].cpu().numpy()
-        return arrays, {"step": self.step, "slices": len(self.slices)}
+            arrays[f"index_cache{index}"] = piece.index_cache.cpu().numpy()
+        positions = [piece.cache_position for piece in self.slices]
+        return arrays, {"step": self.step, "slices": len(self.slices), "cache_positions": positions}
 
     def load(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         if int(meta["slices"]) != len(self.slices):
@@ -422,13 +440,17 @@ class NetworkPopulation:
             generator.set_state(torch.as_tensor(state))
         for generator, state in zip(self.measure_generators, arrays["measure_generators"]):
             generator.set_state(torch.as_tensor(state))
-        for index in range(len(self.slices)):
+        for index, piece in enumerate(self.slices):
             self.W[index] = torch.as_tensor(arrays[f"W{index}"], device=device).clone()
             self.snapshots[index] = torch.as_tensor(arrays[f"snapshots{index}"], device=device).clone()
+            piece.index_cache = torch.as_tensor(arrays[f"index_cache{index}"], device=device).clone()
+            piece.cache_position = int(meta["cache_positions"][index])
         self.step = int(meta["step"])
 
 
 STEP_SUMS = ("r", "r2", "elr", "angular2", "lambda_eff")
+# Steps of minibatch indices each member draws at once.
+INDEX_BLOCK = 64
 LOG_SUMS = ("loss", "noise", "grad2", "test_loss", "test_acc", "train_acc", "loss2")
 # Log row: step, loss, train_acc, radius, elr, angle, test_loss, test_acc, grad_norm, noise_trace,
 # sigma2, snr, temperature, lambda_eff.

@@ -14,7 +14,7 @@ from phases.spec import SpecError, load
 from phases.sweep import plan_sweep
 from phases.trials import get_kind
 from phases.trials.base import TrialContext
-from phases.trials.network import NetworkPopulation, load_dataset
+from phases.trials.network import INDEX_BLOCK, NetworkPopulation, load_dataset
 
 KIND = get_kind("scale_invariant")
 
@@ -61,7 +61,7 @@ def test_step_matches_reference_model(protocol, axes):
     generators = [torch.Generator().set_state(g.get_state()) for g in population.generators]
     population.advance(1)
     for row, point in enumerate(part.points):
-        index = torch.randint(len(y_train), (128,), generator=generators[row])
+        index = torch.randint(len(y_train), (INDEX_BLOCK, 128), generator=generators[row])[0]  # the first of a block
         vector_to_parameters(before[row].clone(), model.si_parameters())
         model.double().zero_grad()
         cross_entropy(model(x_train[index]), y_train[index]).backward()
