@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STORAGE ?= runs
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo network-demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,11 +21,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/phases sweep search_spaces/ideal_gas.yaml --storage $(STORAGE)
 
+network-demo: setup
+	$(BIN)/phases sweep search_spaces/convnet_digits.yaml --storage $(STORAGE)
+
 test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python bench/isotropic.py
+	$(BIN)/python bench/population.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
