@@ -1,9 +1,10 @@
-"""Command line: `phases sweep`, `phases fit`, `phases track`. A thin layer over the Python API."""
+"""Command line: `phases sweep`, `submit`, `jobs`, `fit`, `track` and `export-optuna`. A thin layer over the Python API."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -146,6 +147,78 @@ def track(
         f"MLflow {uri}: parent run {report.parent_run_id}; {report.children_created} nested runs created, "
         f"{report.children_existing} already present"
     )
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="Search-space YAML file.")],
+    address: Annotated[str, typer.Option(help="Ray Jobs API of the cluster: the dashboard address, http://HEAD:8265.")],
+    storage: Annotated[str, typer.Option(help="Storage every node can reach: a shared path or a pyarrow.fs URI (s3://, gs://).")] = "runs",
+    name: Annotated[Optional[str], typer.Option(help="Sweep name; the directory is STORAGE/NAME. Default: the spec's name.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI as the cluster sees it (default on the cluster: sqlite:///STORAGE/mlflow.db).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the sweep directory of an earlier job; run only chunks without a part file.")] = False,
+    track: Annotated[bool, typer.Option(help="Log the finished sweep to MLflow.")] = True,
+    pip: Annotated[bool, typer.Option(help="Install the project's dependencies into the job's environment (for clusters without them).")] = False,
+    job_id: Annotated[Optional[str], typer.Option(help="Submission id for the job (default: one Ray makes up).")] = None,
+) -> None:
+    """Submit a sweep to a Ray cluster as a Ray Job and print the job id."""
+    from phases.jobs import JobError
+    from phases.jobs import submit as submit_job
+    from phases.spec import SpecError
+
+    try:
+        submission = submit_job(spec, address, storage=storage, name=name, resume=resume, tracking_uri=tracking_uri,
+                                track=track, pip=pip, job_id=job_id)
+    except (SpecError, JobError) as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    console.print(f"submitted to {address}: {submission.entrypoint}", soft_wrap=True)
+    console.print(f"follow it with: phases jobs logs {submission.job_id} --address {address}", soft_wrap=True)
+    out.print(submission.job_id)
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Follow or stop sweeps submitted with `phases submit`.")
+app.add_typer(jobs_app, name="jobs")
+JobAddress = Annotated[str, typer.Option(help="Ray Jobs API of the cluster, http://HEAD:8265 (default: RAY_ADDRESS).", envvar="RAY_ADDRESS")]
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: Annotated[str, typer.Argument(help="Job id printed by `phases submit`.")], address: JobAddress) -> None:
+    """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED) and message."""
+    from phases.jobs import JobError, status
+
+    try:
+        info = status(address, job_id)
+    except JobError as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    out.print(f"{info['job_id']}: {info['status']}" + (f" ({_escape(info['message'])})" if info["message"] else ""))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: Annotated[str, typer.Argument(help="Job id printed by `phases submit`.")], address: JobAddress) -> None:
+    """Print the output of the job's driver so far."""
+    from phases.jobs import JobError, logs
+
+    try:
+        text = logs(address, job_id)
+    except JobError as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    sys.stdout.write(text)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: Annotated[str, typer.Argument(help="Job id printed by `phases submit`.")], address: JobAddress) -> None:
+    """Stop a running job; its finished chunks stay, and `phases submit --resume` continues it."""
+    from phases.jobs import JobError, stop
+
+    try:
+        stopped = stop(address, job_id)
+    except JobError as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    out.print(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
 
 
 @app.command("export-optuna")

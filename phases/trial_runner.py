@@ -45,7 +45,8 @@ def train_chunk(config: dict[str, Any], payload: dict[str, Any]) -> None:
     )
     result = get_kind(chunk_.points[0].kind).run(chunk_, context)
     table = part_table(chunk_, result)
-    store.write_table(part_name(chunk_.chunk_id), table, {"phases.schema_version": SCHEMA_VERSION, "phases.chunk_id": chunk_.chunk_id})
+    metadata = {"phases.schema_version": SCHEMA_VERSION, "phases.chunk_id": chunk_.chunk_id, "phases.node_ip": _node_ip()}
+    store.write_table(part_name(chunk_.chunk_id), table, metadata)
     tune.report({"done": 1, "points": len(chunk_.points)})
 
 
@@ -53,3 +54,10 @@ def _trial_device() -> str:
     import ray
 
     return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
+def _node_ip() -> str:
+    """Return the address of the Ray node this trial runs on, recorded in its part file."""
+    import ray
+
+    return ray.util.get_node_ip_address()

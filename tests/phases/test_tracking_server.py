@@ -109,3 +109,45 @@ def test_unreachable_server_then_track_once(ray_local, tmp_path):
         assert {"fits.json", "diagram.parquet"} <= artifacts
     finally:
         _stop_server(server)
+
+
+def test_server_stopped_mid_sweep(tmp_path):
+    # The tracking server goes away while the sweep runs: the sweep still finishes and writes every
+    # file, and once the server is back `phases track` logs the parent and nested runs exactly once.
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    spec = tmp_path / "interrupted.yaml"
+    spec.write_text(TINY.format(name="interrupted").replace("steps: 2000", "steps: 400000").replace("chunk_size: 4", "chunk_size: 1"))
+    storage = tmp_path / "runs"
+    server = _start_server(port, tmp_path / "server")
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "phases.cli", "sweep", str(spec), "--storage", str(storage), "--tracking-uri", uri],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list((storage / "interrupted" / "parts").glob("*.parquet")):
+            assert sweep.poll() is None, sweep.stdout.read()
+            time.sleep(0.5)
+        _stop_server(server)
+        output, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    output = " ".join(output.split())
+    assert sweep.returncode == 0, output
+    assert "MLflow logging failed" in output
+    for name in ("points.parquet", "diagram.parquet", "trajectories.parquet", "fits.json"):
+        assert (storage / "interrupted" / name).is_file()
+    assert len(list((storage / "interrupted" / "parts").glob("*.parquet"))) == 4
+
+    server = _start_server(port, tmp_path / "server")
+    try:
+        for _ in range(2):
+            tracked = CliRunner().invoke(app, ["track", str(storage / "interrupted"), "--tracking-uri", uri])
+            assert tracked.exit_code == 0, tracked.output
+        parents, children = _runs(uri, "interrupted")
+        assert len(parents) == 1
+        assert len(children) == 4
+    finally:
+        _stop_server(server)
