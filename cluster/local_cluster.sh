@@ -64,6 +64,12 @@ descendants() {
 
 start() {
   local workers="${1:-1}"
+  # Ray puts Unix sockets under $CLUSTER_DIR/ray/session_<date>_<pid>/sockets/, and a socket path
+  # may not exceed 107 bytes, so a long directory makes the dashboard fail at start.
+  if (( ${#CLUSTER_DIR} > 40 )); then
+    echo "error: CLUSTER_DIR=$CLUSTER_DIR is ${#CLUSTER_DIR} characters; Ray's socket paths under it would exceed the 107-byte limit. Use a directory of at most 40 characters, such as /tmp/phases-local-cluster" >&2
+    exit 2
+  fi
   if [[ -n "$(cluster_pids)" ]]; then
     echo "error: a cluster is already running from $CLUSTER_DIR; run '$0 stop' first" >&2
     exit 2

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,8 +71,11 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+def cluster():
+    # A short directory: Ray's Unix socket paths under it must stay within 107 bytes, which
+    # pytest's own temporary paths can exceed.
+    directory = Path(tempfile.mkdtemp(prefix="phc-", dir="/tmp"))
+    cluster = Cluster(directory)
     started = cluster.script("start", "1")
     try:
         assert started.returncode == 0, started.stdout + started.stderr
@@ -78,6 +83,7 @@ def cluster(tmp_path_factory):
     finally:
         stopped = cluster.script("stop")
         assert stopped.returncode == 0, stopped.stderr
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _node_ips(sweep_dir: Path) -> set[str]:
