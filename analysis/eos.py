@@ -321,7 +321,8 @@ def elr_collapse(points: pl.DataFrame) -> dict[str, Any]:
         summary[f"{name}_median_range_rel"] = float(np.median(spreads)) if spreads else None
         summary[f"{name}_max_range_rel"] = float(np.max(spreads)) if spreads else None
     medians = [float(np.median(usable.filter(pl.col("lr") == line["lr"])["T"].to_numpy())) for line in lines]
-    summary["T_increases_with_lr"] = bool(len(medians) >= 2 and all(b > a for a, b in zip(medians, medians[1:])))
+    # Null when fewer than two effective LRs leave nothing to compare.
+    summary["T_increases_with_lr"] = bool(all(b > a for a, b in zip(medians, medians[1:]))) if len(medians) >= 2 else None
     if usable.height >= 3:
         rho = stats.spearmanr(usable["lr"].to_numpy(), usable["T"].to_numpy())
         summary["T_lr_spearman"] = float(rho.statistic)

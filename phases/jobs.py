@@ -37,11 +37,10 @@ class JobError(RuntimeError):
 
 @dataclass
 class Submission:
-    """Record of a submitted job: its id, the entrypoint and the staged working directory."""
+    """Record of a submitted job: its id and the command its driver runs."""
 
     job_id: str
     entrypoint: str
-    working_dir: Path
 
 
 def project_dependencies() -> list[str]:
@@ -53,9 +52,10 @@ def project_dependencies() -> list[str]:
 def sweep_entrypoint(spec_file: str, *, storage: str, name: str | None, resume: bool, tracking_uri: str | None, track: bool) -> str:
     """Return the shell command the job runs: `python -m phases.cli sweep ...` on the staged spec.
 
-    The driver first copies the working directory to a private one and runs there. Ray deletes a
-    node's copy of the job's working_dir when the last worker using it exits, which happens when
-    Tune's trial actors stop while the driver is still running in it (seen with Ray 2.60).
+    The driver first copies the working directory to a private one, runs there, and removes it on
+    exit. Ray deletes a node's copy of the job's working_dir when the last worker using it exits,
+    which happens when Tune's trial actors stop while the driver is still running in it (seen with
+    Ray 2.60).
     """
     arguments = ["python", "-m", "phases.cli", "sweep", spec_file, "--storage", storage]
     if name:
@@ -66,8 +66,11 @@ def sweep_entrypoint(spec_file: str, *, storage: str, name: str | None, resume: 
         arguments += ["--tracking-uri", tracking_uri]
     if not track:
         arguments.append("--no-track")
-    private_copy = 'driver_dir="$(mktemp -d "${TMPDIR:-/tmp}/phases-driver-XXXXXX")" && cp -r . "$driver_dir" && cd "$driver_dir"'
-    return f"{private_copy} && exec {shlex.join(arguments)}"
+    private_copy = (
+        'driver_dir="$(mktemp -d "${TMPDIR:-/tmp}/phases-driver-XXXXXX")" && trap \'rm -rf "$driver_dir"\' EXIT INT TERM'
+        ' && cp -r . "$driver_dir" && cd "$driver_dir"'
+    )
+    return f"{private_copy} && {shlex.join(arguments)}"
 
 
 def stage(spec_path: Path) -> Path:
@@ -120,13 +123,16 @@ def submit(
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "env_vars": dict(JOB_ENVIRONMENT)}
     if pip:
         runtime_env["pip"] = project_dependencies()
-    jobs = client(address)
     try:
-        submitted = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
-    except Exception as error:  # the client wraps HTTP failures in RuntimeError
-        raise JobError(f"the Ray cluster at {address} did not accept the job: {error}") from None
+        jobs = client(address)
+        try:
+            submitted = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
+        except Exception as error:  # the client wraps HTTP failures in RuntimeError
+            raise JobError(f"the Ray cluster at {address} did not accept the job: {error}") from None
+    finally:
+        shutil.rmtree(working_dir, ignore_errors=True)  # submit_job has uploaded it by now
     logger.info("submitted job %s to %s: %s", submitted, address, entrypoint)
-    return Submission(submitted, entrypoint, working_dir)
+    return Submission(submitted, entrypoint)
 
 
 def status(address: str, job_id: str) -> dict[str, Any]:

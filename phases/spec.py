@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +277,11 @@ def _expand_axis(label: str, path: str, name: str, values: Any) -> list[float]:
         raise SpecError(label, path, "empty axis: an empty grid cannot run; give at least one value")
     for value in values:
         if not _is_number(value) or not math.isfinite(value):
-            raise SpecError(label, path, f"invalid value {value!r}; axis values must be finite numbers")
+            hint = ""
+            if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?e\d+", value.strip(), flags=re.IGNORECASE):
+                # YAML 1.1 reads 1.0e4 as text; it needs a sign in the exponent to be a number.
+                hint = f" (YAML reads it as text: write {value.lower().replace('e', 'e+')})"
+            raise SpecError(label, path, f"invalid value {value!r}; axis values must be finite numbers{hint}")
     if name in AXIS_RULES:
         rule, check = AXIS_RULES[name]
         for value in values:

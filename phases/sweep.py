@@ -9,6 +9,7 @@ whose part file exists is done, so re-running the same spec into the same direct
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,9 +207,21 @@ def run_chunks(
     for result in grid:
         if result.error is not None:
             chunk_id = (result.config or {}).get("chunk_id", "?")
-            errors[chunk_id] = f"{type(result.error).__name__}: {result.error}".splitlines()[0][:500]
+            errors[chunk_id] = describe_error(result.error)
             logger.error("chunk %s failed after %d retries: %s", chunk_id, spec.max_failures, errors[chunk_id])
     return errors
+
+
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def describe_error(error: BaseException) -> str:
+    """Return a one-line description of a trial's error: the original exception inside Ray's
+    wrapper (RayTaskError keeps it as `cause`), without terminal colour codes."""
+    cause = getattr(error, "cause", None) or error
+    text = ANSI_CODES.sub("", f"{type(cause).__name__}: {cause}")
+    lines = [line for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(cause).__name__)[:500]
 
 
 def trial_name(trial: Any) -> str:

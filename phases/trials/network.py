@@ -529,6 +529,8 @@ class NetworkKind(TrialKind):
                     f"'python version' archive from {CIFAR_URL}, extract it, and set data_dir to the folder that contains "
                     f"{missing[0].parent.name}/"
                 )
+            # Reading the files once here (seconds) turns a malformed file into an error before Ray starts.
+            load_dataset(params)
 
     def estimate_seconds(self, chunks: list[Chunk], spec: SweepSpec) -> float:
         params = self.validate_params(spec.params)

@@ -164,6 +164,14 @@ def test_missing_cifar_fails_early(tmp_path):
         plan_sweep(raw, storage=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
 
+    # Files that exist but are not CIFAR batches fail at the same point, naming the file.
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_text("not a pickle")
+    with pytest.raises(SpecError, match=r"data_batch_1 is malformed"):
+        plan_sweep(raw, storage=tmp_path / "runs")
+
 
 @pytest.mark.parametrize(
     "params, axes, message",

@@ -89,3 +89,18 @@ def test_resume_after_sigkill(tmp_path):
     assert points.height == 12
     assert points["point_id"].n_unique() == 12
     assert not list((storage / "resume").rglob("*.tmp-*"))
+
+
+def test_failure_description_names_the_cause():
+    # Ray wraps a trial's exception (RayTaskError keeps it as `cause`) and colours its text; the
+    # failures file records the original exception on one plain line.
+    from phases.sweep import describe_error
+
+    class Wrapped(Exception):
+        def __init__(self, cause):
+            super().__init__("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1)\nTraceback ...")
+            self.cause = cause
+
+    text = describe_error(Wrapped(ValueError("CIFAR file x/data_batch_1 is malformed")))
+    assert text == "ValueError: CIFAR file x/data_batch_1 is malformed"
+    assert describe_error(RuntimeError("\x1b[31mplain\x1b[0m\nmore")) == "RuntimeError: plain"

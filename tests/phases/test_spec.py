@@ -187,3 +187,10 @@ def test_path_without_yaml_suffix(tmp_path):
     spec = tmp_path / "spec.txt"
     spec.write_text(yaml.safe_dump(VALID))
     assert load(str(spec)).name == "valid"
+
+
+def test_exponent_without_sign_gets_a_hint():
+    # PyYAML (YAML 1.1) reads 1.0e4 as a string; the error says how to write it.
+    text = "name: e\nkind: isotropic\nsteps: 10\ngrids: [{protocol: lr, axes: {lr: [1.0e4], wd: [0.1]}}]\n"
+    with pytest.raises(SpecError, match=r"write 1\.0e\+4"):
+        load(text)

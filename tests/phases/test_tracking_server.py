@@ -39,7 +39,7 @@ def _start_server(port: int, folder: Path) -> subprocess.Popen:
     ]
     server = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180  # generous: a loaded 2-core machine starts it slowly
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
@@ -48,7 +48,7 @@ def _start_server(port: int, folder: Path) -> subprocess.Popen:
         except OSError:
             time.sleep(0.5)
     _stop_server(server)
-    raise RuntimeError(f"mlflow server on 127.0.0.1:{port} did not answer within 90 s")
+    raise RuntimeError(f"mlflow server on 127.0.0.1:{port} did not answer within 180 s")
 
 
 def _stop_server(server: subprocess.Popen) -> None:
