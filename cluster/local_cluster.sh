@@ -51,7 +51,16 @@ cluster_pids() {
   for pid in $roots; do
     echo "$pid"
     descendants "$pid"
-  done | sort -un
+  done | sort -un | grep -vxF -f <(ancestors) || true
+}
+
+# This script and the processes that called it, which a pattern must never select.
+ancestors() {
+  local pid=$$
+  while [[ -n "$pid" && "$pid" != 0 ]]; do
+    echo "$pid"
+    pid="$(awk '{print $4}' "/proc/$pid/stat" 2>/dev/null || true)"
+  done
 }
 
 descendants() {
