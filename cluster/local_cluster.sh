@@ -83,6 +83,7 @@ start() {
     echo "error: a cluster is already running from $CLUSTER_DIR; run '$0 stop' first" >&2
     exit 2
   fi
+
   mkdir -p "$CLUSTER_DIR/ray"
   if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" && ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
     (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$RAY_AUTH_TOKEN_PATH")
@@ -101,6 +102,7 @@ start() {
       --temp-dir="$CLUSTER_DIR/ray" --disable-usage-stats >"$CLUSTER_DIR/worker-$i.log" 2>&1 \
       || { echo "error: worker node $i failed to start; see $CLUSTER_DIR/worker-$i.log" >&2; exit 1; }
   done
+
   cluster_pids >"$CLUSTER_DIR/pids"
   echo "cluster up: $((workers + 1)) nodes; dashboard and Jobs API at http://$HEAD_IP:$DASHBOARD_PORT"
   if [[ "$RAY_AUTH_MODE" == token ]]; then

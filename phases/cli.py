@@ -185,40 +185,38 @@ JobAddress = Annotated[str, typer.Option(help="Ray Jobs API of the cluster, http
 @jobs_app.command("status")
 def jobs_status(job_id: Annotated[str, typer.Argument(help="Job id printed by `phases submit`.")], address: JobAddress) -> None:
     """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED) and message."""
-    from phases.jobs import JobError, status
+    from phases.jobs import status
 
-    try:
-        info = status(address, job_id)
-    except JobError as exc:
-        console.print(f"[red]error:[/] {_escape(str(exc))}")
-        raise typer.Exit(2) from None
+    info = _job_request(status, address, job_id)
     out.print(f"{info['job_id']}: {info['status']}" + (f" ({_escape(info['message'])})" if info["message"] else ""))
 
 
 @jobs_app.command("logs")
 def jobs_logs(job_id: Annotated[str, typer.Argument(help="Job id printed by `phases submit`.")], address: JobAddress) -> None:
     """Print the output of the job's driver so far."""
-    from phases.jobs import JobError, logs
+    from phases.jobs import logs
 
-    try:
-        text = logs(address, job_id)
-    except JobError as exc:
-        console.print(f"[red]error:[/] {_escape(str(exc))}")
-        raise typer.Exit(2) from None
-    sys.stdout.write(text)
+    sys.stdout.write(_job_request(logs, address, job_id))
 
 
 @jobs_app.command("stop")
 def jobs_stop(job_id: Annotated[str, typer.Argument(help="Job id printed by `phases submit`.")], address: JobAddress) -> None:
     """Stop a running job; its finished chunks stay, and `phases submit --resume` continues it."""
-    from phases.jobs import JobError, stop
+    from phases.jobs import stop
+
+    stopped = _job_request(stop, address, job_id)
+    out.print(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
+
+
+def _job_request(request: Any, address: str, job_id: str) -> Any:
+    """Call a `phases.jobs` request; a JobError becomes an error line and exit code 2."""
+    from phases.jobs import JobError
 
     try:
-        stopped = stop(address, job_id)
+        return request(address, job_id)
     except JobError as exc:
         console.print(f"[red]error:[/] {_escape(str(exc))}")
         raise typer.Exit(2) from None
-    out.print(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
 
 
 @app.command("export-optuna")

@@ -135,13 +135,13 @@ class _MaxPool2(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, out = ctx.saved_tensors
         grad_x = torch.zeros_like(x)
-        taken = torch.zeros_like(out, dtype=torch.bool)
+        assigned = torch.zeros_like(out, dtype=torch.bool)
         for i in range(2):
             for j in range(2):
                 # The first maximum of a window takes the gradient, as in nn.MaxPool2d.
-                hit = (x[:, :, i::2, j::2] == out) & ~taken
+                hit = (x[:, :, i::2, j::2] == out) & ~assigned
                 grad_x[:, :, i::2, j::2] = grad * hit
-                taken |= hit
+                assigned |= hit
         return grad_x
 
 
@@ -340,7 +340,7 @@ class PopulationNet:
         return loss.detach(), gradient
 
     def _mlp_loss_and_gradient(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MLP's loss and gradient with the backward pass written out, without autograd.
+        """Compute the MLP's loss and gradient with the backward pass written out, without autograd.
 
         The MLP's steps are so small that autograd's per-node overhead would dominate them. Per
         layer: z = x W^T, n = batch-normalised z, a = relu(n); then logits = a head^T and the

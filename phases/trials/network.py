@@ -354,6 +354,7 @@ class NetworkPopulation:
         return minibatch_noise(draw, full_gradient, self.params.noise_batches)
 
     def _measure(self, log_position: int) -> np.ndarray:
+        """Measure every member at a logging step, add the window sums, and return the log row (M, LOG_COLUMNS)."""
         n = len(self.members)
         row = torch.full((n, LOG_COLUMNS), float("nan"), dtype=torch.float64, device=self.device)
         row[:, 0] = float(self.step)
@@ -361,9 +362,10 @@ class NetworkPopulation:
         test_now = log_position % self.params.test_every == 0 or self.step == self.steps
         in_window = self.step > self.window_start
         half = 0 if self.step <= self.window_mid else 1
+
         for index, piece in enumerate(self.slices):
             W = self.W[index]
-            rows = torch.tensor(piece.rows, device=self.device)
+            rows = piece.rows_tensor
             r = torch.linalg.vector_norm(W.to(torch.float64), dim=1)
             loss, accuracy, full_gradient = self._full_pass(piece, W, self.train[self.member_width[piece.rows[0]]], noise_now)
             row[rows, 1], row[rows, 2], row[rows, 3] = loss, accuracy, r
@@ -383,6 +385,7 @@ class NetworkPopulation:
                 row[rows, 8], row[rows, 9], row[rows, 10] = grad_norm, noise, sigma2
                 row[rows, 11] = grad_norm / noise.clamp_min(1e-300).sqrt()
                 row[rows, 12] = temperature(self.protocol, self.lr[piece.rows, 0], self.wd[piece.rows, 0], sigma2, dim)
+
         valid = ~self.diverged
         if in_window:
             for k, column in enumerate((1, 9, 8, 6, 7, 2)):
@@ -393,6 +396,7 @@ class NetworkPopulation:
             present = torch.isfinite(row[:, 1]) & valid
             self.log_sums[LOG_SUMS.index("loss2"), half] += torch.where(present, row[:, 1] ** 2, 0.0)
             self.log_counts[LOG_SUMS.index("loss2"), half] += present.to(torch.float64)
+
         row[self.diverged] = torch.where(torch.arange(LOG_COLUMNS, device=self.device) == 0, row[self.diverged], float("nan"))
         return row.cpu().numpy()
 
@@ -471,7 +475,7 @@ def snapshot_steps(window_start: int, steps: int, count: int, every: int) -> np.
 
 
 def members_per_slice(model: ScaleInvariant, input_shape: tuple[int, ...], batch: int, dtype: torch.dtype, device: torch.device) -> int:
-    """How many members one batched slice may hold: activations within MEMORY_FRACTION of free memory.
+    """Return how many members one batched slice may hold, keeping activations within MEMORY_FRACTION of free memory.
 
     The activation size per sample comes from one forward pass of the reference model. A member's
     training step keeps about four such tensors alive (outputs, saved inputs, gradients).

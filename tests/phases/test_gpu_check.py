@@ -1,4 +1,4 @@
-"""bench/gpu_check.py runs the trial's population code; on a machine without CUDA it says so."""
+"""bench/gpu_check.py runs the trial's population code, and without CUDA it exits with a clear message."""
 
 from __future__ import annotations
 

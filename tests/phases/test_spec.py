@@ -190,7 +190,7 @@ def test_path_without_yaml_suffix(tmp_path):
 
 
 def test_exponent_without_sign_gets_a_hint():
-    # PyYAML (YAML 1.1) reads 1.0e4 as a string; the error says how to write it.
+    # PyYAML (YAML 1.1) reads 1.0e4 as a string, so the error shows how to write it as a number.
     text = "name: e\nkind: isotropic\nsteps: 10\ngrids: [{protocol: lr, axes: {lr: [1.0e4], wd: [0.1]}}]\n"
     with pytest.raises(SpecError, match=r"write 1\.0e\+4"):
         load(text)

@@ -217,8 +217,8 @@ def test_unreachable_address_fails_fast(tmp_path):
 
 
 def test_file_uri_storage(ray_local, tmp_path):
-    # Storage given as a pyarrow.fs URI (file:// here; s3:// and gs:// take the same path through
-    # pyarrow): the sweep's files land in the folder it names and read back through the URI.
+    # Storage given as a pyarrow.fs URI: file:// here, and s3:// and gs:// take the same path through
+    # pyarrow. The sweep's files land in the folder it names and read back through the URI.
     spec = load(SMOKE_SPEC).model_copy(update={"name": "uri_storage", "grids": load(SMOKE_SPEC).grids[:1]})
     result = run_sweep(spec, storage=f"file://{tmp_path}")
     assert result.failed_chunks == {}
