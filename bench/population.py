@@ -1,8 +1,9 @@
 """Population training of the scale_invariant kind against training the same points one by one.
 
 (a) Small MLP on digits, 32 points: points x steps per second of one 32-member population
-    (`NetworkPopulation.advance`, plain SGD with weight decay) against the same 32 points trained
-    one after another in this process, each as an nn.Module with torch.optim.SGD.
+    (`NetworkPopulation.advance`, plain SGD with weight decay), eager and with `compile: true`,
+    against the same 32 points trained one after another in this process, each as an nn.Module
+    with torch.optim.SGD.
 (b) The digits ConvNet at the demo's width, the same comparison, for each population layout.
 (c) Both as achieved FLOP/s (FLOPs of one step counted by torch's FlopCounterMode) over this
     machine's float32 matrix-multiply rate (2048 x 2048, measured in the same run, same threads).
@@ -103,13 +104,16 @@ def step_flops(params: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def compare(label: str, params: dict, population_steps: int, sequential_steps: int, peak: float, rounds: int) -> dict:
+def compare(label: str, params: dict, population_steps: int, sequential_steps: int, peak: float, rounds: int, compiled: bool = False) -> dict:
     """Measure both rates in alternating rounds and keep each one's best, so that a slow spell of
-    a shared machine does not land on one side only."""
+    a shared machine does not land on one side only. With `compiled`, also the population with
+    `compile: true` (its compilation is part of the untimed warm-up)."""
     flops = step_flops(params)
-    together = alone = 0.0
+    together = alone = together_compiled = 0.0
     for _ in range(rounds):
         together = max(together, population_rate(params, population_steps))
+        if compiled:
+            together_compiled = max(together_compiled, population_rate({**params, "compile": True}, population_steps))
         alone = max(alone, sequential_rate(params, sequential_steps))
     row = {
         "case": label, "params": params, "points": POINTS, "batch": BATCH, "rounds": rounds, "flops_per_step": flops,
@@ -119,6 +123,11 @@ def compare(label: str, params: dict, population_steps: int, sequential_steps: i
     print(f"{label}: population {together:.1f}, one by one {alone:.1f} points x steps/s -> {together / alone:.1f}x; "
           f"{100 * row['population_flops_fraction_of_matmul']:.1f}% vs {100 * row['sequential_flops_fraction_of_matmul']:.1f}% of the matmul rate",
           flush=True)
+    if compiled:
+        row.update(compiled_points_steps_per_s=together_compiled, compiled_ratio=together_compiled / alone,
+                   compiled_flops_fraction_of_matmul=together_compiled * flops / peak)
+        print(f"{label}, compile: true: population {together_compiled:.1f} points x steps/s -> {together_compiled / alone:.1f}x; "
+              f"{100 * row['compiled_flops_fraction_of_matmul']:.1f}% of the matmul rate", flush=True)
     return row
 
 
@@ -181,7 +190,7 @@ def main() -> None:
     scale = 0.2 if args.quick else 1.0
     rounds = 1 if args.quick else 3
     cases = [
-        compare("small MLP (64-16-16-10), digits", {"model": "mlp", "width": 16}, int(400 * scale), int(100 * scale), peak, rounds),
+        compare("small MLP (64-16-16-10), digits", {"model": "mlp", "width": 16}, int(400 * scale), int(100 * scale), peak, rounds, compiled=True),
         compare(f"ConvNet width {demo['width']}, digits, grouped layout", {"model": "convnet", "width": demo["width"], "layout": "grouped"},
                 int(40 * scale), int(20 * scale), peak, rounds),
         compare(f"ConvNet width {demo['width']}, digits, bmm layout", {"model": "convnet", "width": demo["width"], "layout": "bmm"},

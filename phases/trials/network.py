@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,8 @@ from phases.trials.isotropic import _drift_z, _relative_drift, _significant, log
 
 logger = logging.getLogger(__name__)
 
+# Compilers torch.compile's CPU backend can use.
+CXX_COMPILERS = ("g++", "clang++", "c++")
 # Fraction of the free memory (host RAM, or the GPU's) that one slice's activations may use.
 MEMORY_FRACTION = 0.25
 
@@ -75,11 +78,14 @@ class NetworkParams(BaseModel):
     test_every: int = Field(1, ge=1, description="evaluate the test set at every n-th logging step")
     snapshot_every: int = Field(25, ge=1, description="steps between weight snapshots for the entropy queue")
     max_members: int | None = Field(None, ge=1, description="members per batched slice; null: sized from free memory")
+    compile: bool = Field(False, description="mlp: compile the training step with torch.compile (needs a C++ compiler; 10-30 s once per process)")
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> "NetworkParams":
         if self.dataset == "teacher_student" and self.model != "mlp":
             raise ValueError(f"dataset teacher_student has feature vectors, not images; use model: mlp (got model: {self.model})")
+        if self.compile and self.model != "mlp":
+            raise ValueError(f"compile: true applies to model: mlp only (got model: {self.model}); set compile: false")
         if self.dataset.startswith("cifar") and not self.data_dir:
             raise ValueError(
                 f"dataset {self.dataset} needs data_dir, the folder with the CIFAR 'python version' files; "
@@ -121,15 +127,22 @@ def member_seed(point_id: str, seed: int, replica: int) -> int:
 class Slice:
     """Members that share one batched network (same width and batch size), stepped together."""
 
-    def __init__(self, net: PopulationNet, rows: list[int], batch_size: int, device: torch.device):
+    def __init__(self, net: PopulationNet, rows: list[int], width: int, batch_size: int, device: torch.device):
         self.net = net
+        self.width = width
         self.rows = rows  # indices into the population's member list
         self.rows_tensor = torch.tensor(rows, device=device)
+        # Consecutive rows index the population's per-member tensors as a view; others by gather.
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.select: slice | torch.Tensor = slice(rows[0], rows[0] + len(rows)) if consecutive else self.rows_tensor
         self.batch_size = batch_size
         self.device = device
         self.any_diverged = False  # set once a member diverges; restored from `diverged` on resume
         self.index_cache = torch.empty(len(rows), 0, batch_size, dtype=torch.int64, device=device)
         self.cache_position = INDEX_BLOCK  # the first step draws a block
+        # Per-member settings (M, 1) and the rows that draw injected noise, set by the population.
+        self.lr = self.wd = self.sigma = self.radius = torch.empty(0)
+        self.noisy: list[int] = []
 
 
 class NetworkPopulation:
@@ -177,15 +190,19 @@ class NetworkPopulation:
         for width, batch in keys:
             net = self.nets.get(width)
             if net is None:
-                net = PopulationNet(architecture_of(self.models[width], params.layout), device, self.dtype)
+                net = PopulationNet(architecture_of(self.models[width], params.layout), device, self.dtype, params.compile)
                 self.nets[width] = net
                 self.train[width] = (net.prepare_inputs(data.x_train), data.y_train.to(device))
                 self.test[width] = (net.prepare_inputs(data.x_test), data.y_test.to(device))
             rows = [m for m in range(n) if self.member_width[m] == width and batches[self.members[m][0]] == batch]
             size = params.max_members or members_per_slice(self.models[width], data.input_shape, max(batch, params.eval_batch), self.dtype, device)
             for start in range(0, len(rows), size):
-                self.slices.append(Slice(net, rows[start : start + size], batch, device))
+                self.slices.append(Slice(net, rows[start : start + size], width, batch, device))
         self.member_batch = [batches[p] for p, _ in self.members]
+        for piece in self.slices:
+            piece.lr, piece.wd = self.lr[piece.select], self.wd[piece.select]
+            piece.sigma, piece.radius = self.sigma[piece.select], self.radius[piece.select]
+            piece.noisy = [row for row, member in enumerate(piece.rows) if float(self.sigma[member, 0]) > 0]
 
         # Weights: one tensor per slice (rows of equal dim); the start is shared by all points.
         self.initial = {w: torch.nn.utils.parameters_to_vector(m.si_parameters()).detach().to(device, self.dtype) for w, m in self.models.items()}
@@ -249,57 +266,50 @@ class NetworkPopulation:
                 self.log_rows.append(self._measure(log_index[self.step]))
 
     def _step_slice(self, piece: Slice, W: torch.Tensor, in_window: bool, half: int, record_angle: bool) -> torch.Tensor:
-        rows = piece.rows
-        x_all, y_all = self.train[self.member_width[rows[0]]]
+        x_all, y_all = self.train[piece.width]
         index = self._next_minibatches(piece, len(y_all))
-        loss, gradient = piece.net.loss_and_gradient(W, piece.net.gather(x_all, index), torch.take(y_all, index))
+        loss, gradient = piece.net.step_loss_and_gradient(W, piece.net.gather(x_all, index), torch.take(y_all, index))
 
         W64 = W.to(torch.float64)
         g = gradient.to(torch.float64)
-        sigma = self.sigma[rows]
-        noisy = [row for row, m in enumerate(rows) if float(self.sigma[m, 0]) > 0]
-        if noisy:
+        if piece.noisy:
             # Only members with noise draw it, so a member's stream does not depend on its neighbours.
             xi = torch.zeros_like(g)
-            for row in noisy:
-                xi[row] = torch.randn(W.shape[1], generator=self.generators[rows[row]], device=piece.device, dtype=torch.float64)
-            g = g + tangent_noise(W64, xi, sigma)
-        lr = self.lr[rows]
-        moved, lr_t, r = protocol_update(W64, g, self.protocol, lr, self.wd[rows], self.radius[rows])
+            for row in piece.noisy:
+                torch.randn(W.shape[1], generator=self.generators[piece.rows[row]], device=piece.device, dtype=torch.float64, out=xi[row])
+            g = g + tangent_noise(W64, xi, piece.sigma)
+        moved, lr_t, r = protocol_update(W64, g, self.protocol, piece.lr, piece.wd, piece.radius)
         norm_after = torch.linalg.vector_norm(moved, dim=1, keepdim=True)
 
         # A non-finite loss or gradient makes the norm NaN, and NaN fails both comparisons.
         healthy = (norm_after[:, 0] < self.params.max_radius) & (norm_after[:, 0] > 1.0 / self.params.max_radius)
-        rows_tensor = piece.rows_tensor
         if not bool(healthy.all()):
-            newly = ~healthy & ~self.diverged[rows_tensor]
+            newly = ~healthy & ~self.diverged[piece.select]
             for row in torch.nonzero(newly).flatten().tolist():
-                self.diverged_step[rows[row]] = self.step + 1
-            self.diverged[rows_tensor] |= ~healthy
+                self.diverged_step[piece.rows[row]] = self.step + 1
+            self.diverged[piece.select] |= ~healthy
             piece.any_diverged = True
-        parked = self.diverged[rows_tensor][:, None]
+        parked = self.diverged[piece.select]
         if piece.any_diverged:
             # Keep diverged members finite at their start; their points are reported diverged.
-            start = torch.stack([self.initial[self.member_width[m]] for m in rows]).to(torch.float64)
-            moved = torch.where(parked, start, torch.nan_to_num(moved))
+            start = torch.stack([self.initial[self.member_width[m]] for m in piece.rows]).to(torch.float64)
+            moved = torch.where(parked[:, None], start, torch.nan_to_num(moved))
             norm_after = torch.linalg.vector_norm(moved, dim=1, keepdim=True)
 
-        u_old = W64 / r
-        u_new = moved / norm_after
+        u_new = moved / norm_after if self.protocol == "sphere" or in_window or record_angle else None
         if in_window or record_angle:
-            angle2 = ((u_new - u_old) ** 2).sum(dim=1)
+            angle2 = ((u_new - W64 / r) ** 2).sum(dim=1)
             if record_angle:
-                self.last_angle[rows_tensor] = 2.0 * torch.arcsin(torch.clamp(angle2.sqrt() / 2.0, max=1.0))
+                self.last_angle[piece.select] = 2.0 * torch.arcsin(torch.clamp(angle2.sqrt() / 2.0, max=1.0))
         lambda_eff = None
         if self.protocol == "sphere":
-            lambda_eff = ((norm_after - self.radius[rows]) / (lr * self.radius[rows] ** 3))[:, 0]
-            self.last_lambda_eff[rows_tensor] = lambda_eff
-            moved = u_new * self.radius[rows]
+            lambda_eff = ((norm_after - piece.radius) / (piece.lr * piece.radius**3))[:, 0]
+            self.last_lambda_eff[piece.select] = lambda_eff
+            moved = u_new * piece.radius
         if in_window:
             r1 = r[:, 0]
-            values = [r1, r1 * r1, (lr_t / (r * r)).expand_as(r)[:, 0], angle2, lambda_eff if lambda_eff is not None else torch.zeros_like(r1)]
-            for k, value in enumerate(values):
-                self.step_sums[k, half, rows_tensor] += torch.where(parked[:, 0], 0.0, value)
+            values = torch.stack([r1, r1 * r1, (lr_t / (r * r)).expand_as(r)[:, 0], angle2, lambda_eff if lambda_eff is not None else torch.zeros_like(r1)])
+            self.step_sums[:, half, piece.select] += values.masked_fill_(parked, 0.0)
         return moved.to(self.dtype)
 
     def _next_minibatches(self, piece: Slice, samples: int) -> torch.Tensor:
@@ -525,6 +535,11 @@ class NetworkKind(TrialKind):
     def check_inputs(self, spec: SweepSpec) -> None:
         """CIFAR: every batch file must exist under data_dir (checked here, on the driver)."""
         params = self.validate_params(spec.params)
+        if params.compile and not any(shutil.which(name) for name in CXX_COMPILERS):
+            raise RuntimeError(
+                f"params.compile is true, but no C++ compiler ({', '.join(CXX_COMPILERS)}) is on PATH, and torch.compile needs one "
+                "on every node; install one (for example: apt install g++) or set compile: false"
+            )
         if params.dataset.startswith("cifar"):
             missing = [path for path in cifar_files(params) if not path.is_file()]
             if missing:
@@ -749,7 +764,7 @@ def uniform_levels(population: NetworkPopulation, spec: SweepSpec) -> dict[int, 
     generator = torch.Generator(device=population.device).manual_seed(12345)
     samples = max(len(population.snapshot_steps) * population.replicas, spec.entropy.k + 2)
     for width, net in population.nets.items():
-        piece = Slice(net, [0] * 4, 128, population.device)
+        piece = Slice(net, [0] * 4, width, 128, population.device)
         W = torch.randn(4, net.dim, generator=generator, device=population.device, dtype=population.dtype)
         loss, _, _ = population._full_pass(piece, W, population.train[width], False)
         directions = torch.randn(samples, net.dim, generator=generator, device=population.device, dtype=torch.float64).cpu().numpy()

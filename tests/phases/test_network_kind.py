@@ -180,6 +180,7 @@ def test_missing_cifar_fails_early(tmp_path):
         ({"dataset": "cifar10"}, {}, "needs data_dir"),
         ({}, {"width": [0]}, "must be an integer >= 1"),
         ({"layout": "vmap"}, {}, "params.layout"),
+        ({"compile": True}, {}, "compile: true applies to model: mlp only"),
     ],
 )
 def test_bad_network_specs_rejected(params, axes, message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch.nn.functional import cross_entropy
@@ -61,3 +63,22 @@ def test_population_loss_is_scale_invariant(name, alpha):
 def test_unknown_layout_rejected():
     with pytest.raises(ValueError, match="unknown population layout 'vmap'"):
         architecture_of(ConvNet(2, 1, 10), "vmap")
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++", "c++")), reason="torch.compile needs a C++ compiler")
+def test_compiled_mlp_step_matches_eager():
+    # The compiled training step (inductor C++ kernels) gives the eager step's loss and gradient;
+    # fused reductions may add in another order, so the tolerance is float64 round-off (1e-10).
+    model, _, W, data, labels, index = _members_and_data("mlp", "bmm", members=4, batch=16)
+    eager = PopulationNet(architecture_of(model), dtype=torch.float64)
+    compiled = PopulationNet(architecture_of(model), dtype=torch.float64, compile=True)
+    x, y = eager.gather(eager.prepare_inputs(data), index), labels[index]
+    loss, gradient = eager.step_loss_and_gradient(W, x, y)
+    compiled_loss, compiled_gradient = compiled.step_loss_and_gradient(W, x, y)
+    assert torch.allclose(compiled_loss, loss, rtol=1e-10, atol=0)
+    assert float(torch.linalg.vector_norm(compiled_gradient - gradient)) < 1e-10 * float(torch.linalg.vector_norm(gradient))
+
+
+def test_compile_rejected_for_convolutional_models():
+    with pytest.raises(ValueError, match="compile applies to the MLP's hand-written step only, not to convnet"):
+        PopulationNet(architecture_of(ConvNet(2, 1, 10)), compile=True)
