@@ -1,4 +1,5 @@
-"""Command line: `phases sweep`, `submit`, `jobs`, `fit`, `track` and `export-optuna`. A thin layer over the Python API."""
+"""Command line: `phases sweep`, `submit`, `jobs`, `fit`, `track`, `export-optuna`, `recommend` and
+`evaluate-schedule`. A thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -243,6 +244,120 @@ def export_optuna(
     for name, count in report.studies.items():
         out.print(f"study {name}: {count} trials")
     out.print(f"Optuna storage: {storage} (view with optuna-dashboard {storage})")
+
+
+StepsOption = Annotated[Optional[int], typer.Option(min=1, help="Step budget of the schedule (default: the sweep's steps).")]
+WdOption = Annotated[Optional[float], typer.Option("--wd", help="Weight decay of the diagram line to use (default: the best line).")]
+NoiseOption = Annotated[Optional[float], typer.Option("--noise", help="Injected noise of the diagram slice (default: the value with the most points).")]
+TargetOption = Annotated[Optional[float], typer.Option("--target-loss", help="Stop cooling at the lr whose predicted stationary loss is this.")]
+EFoldsOption = Annotated[Optional[float], typer.Option("--e-folds", min=0.01, help="Radius e-folding times, 1/(4 lr wd) steps each, that every cooling stage gets (default 1).")]
+
+
+def _recommendation(diagram_path: str, steps: int | None, wd: float | None, noise: float | None, target_loss: float | None, e_folds: float | None):
+    from analysis.recommend import load_diagram, recommend
+
+    try:
+        diagram, spec = load_diagram(diagram_path)
+        budget = steps or int(spec.get("steps") or 0)
+        if not budget:
+            raise ValueError(f"{diagram_path} has no spec with a step count; pass --steps")
+        options = {} if e_folds is None else {"e_folds": e_folds}
+        return recommend(diagram, steps=budget, wd=wd, noise=noise, target_loss=target_loss, **options), diagram, spec
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+
+
+@app.command("recommend")
+def recommend_command(
+    diagram: Annotated[str, typer.Argument(help="Sweep directory or its diagram.parquet.")],
+    steps: StepsOption = None,
+    wd: WdOption = None,
+    noise: NoiseOption = None,
+    target_loss: TargetOption = None,
+    e_folds: EFoldsOption = None,
+    output_format: Annotated[str, typer.Option("--format", help="table, json or yaml.")] = "table",
+    output: Annotated[Optional[Path], typer.Option("--out", help="Also write the recommendation to this file (JSON, or YAML for .yaml/.yml).")] = None,
+) -> None:
+    """Recommend a learning-rate schedule (stages of step, lr, wd) from a phase diagram; see docs/recommendations.md."""
+    import json
+
+    import yaml
+
+    if output_format not in ("table", "json", "yaml"):
+        console.print(f"[red]error:[/] --format {output_format!r} is not one of table, json, yaml")
+        raise typer.Exit(2)
+    recommendation, _, _ = _recommendation(diagram, steps, wd, noise, target_loss, e_folds)
+    data = recommendation.to_dict()
+    if output_format == "json":
+        out.print_json(json.dumps(data))
+    elif output_format == "yaml":
+        out.print(yaml.safe_dump(data, sort_keys=False), markup=False, highlight=False, soft_wrap=True)
+    else:
+        _print_recommendation(recommendation)
+    if output is not None:
+        text = yaml.safe_dump(data, sort_keys=False) if output.suffix in (".yaml", ".yml") else json.dumps(data, indent=2)
+        output.write_text(text)
+        console.print(f"recommendation written to {output}")
+
+
+def _print_recommendation(recommendation: Any) -> None:
+    title = f"schedule for {recommendation.steps} steps" + (" [red](degraded)[/]" if recommendation.degraded else "")
+    table = Table(title=title)
+    for column in ("from step", "lr", "wd", "predicted loss", "reason"):
+        table.add_column(column)
+    for stage in recommendation.stages:
+        predicted = "-" if stage.predicted_loss is None else f"{stage.predicted_loss:.4g}"
+        table.add_row(str(stage.step), f"{stage.lr:.4g}", f"{stage.wd:g}", predicted, _escape(stage.reason))
+    out.print(table)
+    for reason in recommendation.reasons:
+        out.print(f"- {_escape(reason)}")
+    for warning in recommendation.warnings:
+        console.print(f"[yellow]warning:[/] {_escape(warning)}")
+
+
+@app.command("evaluate-schedule")
+def evaluate_schedule_command(
+    diagram: Annotated[str, typer.Argument(help="Local sweep directory (or its diagram.parquet) of a scale_invariant sweep.")],
+    steps: StepsOption = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per method.")] = 3,
+    wd: WdOption = None,
+    noise: NoiseOption = None,
+    target_loss: TargetOption = None,
+    e_folds: EFoldsOption = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db).")] = None,
+    track: Annotated[bool, typer.Option(help="Log the evaluation to MLflow as a run nested under the sweep's run.")] = True,
+) -> None:
+    """Train the diagram's model with the recommended schedule and four baselines at the same budget; write the table."""
+    import json
+
+    from phases.schedule_eval import evaluate_schedule, markdown_table
+    from phases.storage import SweepStore
+    from phases.tracking import TrackingError, default_tracking_uri, log_schedule_evaluation
+
+    recommendation, frame, spec = _recommendation(diagram, steps, wd, noise, target_loss, e_folds)
+    sweep_dir = Path(diagram) if Path(diagram).is_dir() else Path(diagram).parent
+    store = SweepStore.from_sweep_dir(sweep_dir)
+    try:
+        evaluation = evaluate_schedule(recommendation, frame, spec, steps=recommendation.steps, seeds=seeds,
+                                       progress=lambda message: console.print(message))
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    table = markdown_table(evaluation)
+    store.write_text("schedule_evaluation.json", json.dumps(evaluation, indent=2))
+    store.write_text("schedule_evaluation.md", table)
+    out.print(table, markup=False, highlight=False, soft_wrap=True)
+    out.print(f"written {store.uri}/schedule_evaluation.json and schedule_evaluation.md")
+    if not track:
+        return
+    uri = tracking_uri or default_tracking_uri(store)
+    try:
+        run_id = log_schedule_evaluation(store, uri, evaluation)
+    except TrackingError as exc:
+        console.print(f"[red]error:[/] the table is written, but MLflow logging failed: {_escape(str(exc))}")
+        raise typer.Exit(1) from None
+    out.print(f"MLflow run {run_id} ({uri})")
 
 
 def _print_dry_run(plan: Any) -> None:

@@ -130,6 +130,42 @@ def _log_sweep(store: SweepStore, tracking_uri: str, experiment: str, child_limi
     return TrackingReport(parent_id, experiment_id, created, len(existing))
 
 
+def log_schedule_evaluation(store: SweepStore, tracking_uri: str, evaluation: dict[str, Any], *, experiment: str = EXPERIMENT) -> str:
+    """Log a schedule evaluation as a run nested under the sweep's parent run; return its run id.
+
+    Metrics are `<method>.<metric>_mean` and `_std`; the evaluation JSON and table are artifacts.
+    Raises TrackingError on any MLflow or network failure.
+    """
+    from mlflow.entities import Metric, Param
+
+    try:
+        client = _client(tracking_uri)
+        experiment_id = _experiment_id(client, experiment, store, tracking_uri)
+        parent_id = _parent_run(client, experiment_id, store.read_json("sweep.json"), store)
+        run = client.create_run(experiment_id, run_name="schedule-evaluation",
+                                tags={"mlflow.parentRunId": parent_id, "phases.child": "schedule-evaluation"})
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(f"{row['method']}.{key}", float(row[key]), now, 0)
+            for row in evaluation["methods"]
+            for key in row
+            if key.endswith(("_mean", "_std")) and _finite(row[key])
+        ]
+        params = [Param("steps", str(evaluation["steps"])), Param("seeds", str(evaluation["seeds"])),
+                  *[Param(f"setting.{k}", str(v)) for k, v in evaluation["setting"].items()]]
+        client.log_batch(run.info.run_id, metrics=metrics, params=params)
+        with tempfile.TemporaryDirectory() as folder:
+            for name in ("schedule_evaluation.json", "schedule_evaluation.md"):
+                if store.exists(name):
+                    target = Path(folder) / name
+                    target.write_text(store.read_text(name))
+                    client.log_artifact(run.info.run_id, str(target))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types; all mean "not logged"
+        raise TrackingError(f"{type(exc).__name__}: {exc}".splitlines()[0][:500]) from exc
+
+
 def _experiment_id(client, name: str, store: SweepStore, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
