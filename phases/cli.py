@@ -1,5 +1,5 @@
-"""Command line: `phases sweep`, `submit`, `jobs`, `fit`, `track`, `export-optuna`, `recommend` and
-`evaluate-schedule`. A thin layer over the Python API."""
+"""Command line: `phases sweep`, `submit`, `jobs`, `fit`, `track`, `export-optuna`, `recommend`,
+`evaluate-schedule` and `mdm`. A thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -358,6 +358,119 @@ def evaluate_schedule_command(
         console.print(f"[red]error:[/] the table is written, but MLflow logging failed: {_escape(str(exc))}")
         raise typer.Exit(1) from None
     out.print(f"MLflow run {run_id} ({uri})")
+
+
+mdm_app = typer.Typer(no_args_is_help=True, help="Masked-diffusion language models: pretraining and sampling.")
+app.add_typer(mdm_app, name="mdm")
+CorpusOption = Annotated[str, typer.Option(help="Training text: code (standard-library statements) or english (bundled docs).")]
+LengthOption = Annotated[int, typer.Option(min=8, help="Sequence length L in characters.")]
+DimOption = Annotated[int, typer.Option(min=8, help="Transformer width.")]
+LayersOption = Annotated[int, typer.Option(min=1, help="Transformer blocks.")]
+HeadsOption = Annotated[int, typer.Option(min=1, help="Attention heads (must divide --dim).")]
+BatchOption = Annotated[int, typer.Option(min=1, help="Sequences per step.")]
+LrOption = Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate (warm-up, then cosine decay).")]
+SeedOption = Annotated[int, typer.Option(help="Seed of the initial weights and the batches.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")]
+
+
+def _pretrain(reference: bool, corpus: str, length: int, dim: int, layers: int, heads: int, steps: int, batch: int, lr: float,
+              seed: int, out: Path, threads: Optional[int]) -> None:
+    import torch
+
+    from phases.diffusion.model import ModelConfig
+    from phases.diffusion.train import TrainSettings, pretrain
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if dim % heads:
+            raise ValueError(f"--dim {dim} must be a multiple of --heads {heads}")
+        config = ModelConfig(length=length, dim=dim, layers=layers, heads=heads, corpus=corpus)
+        pretrain(config, TrainSettings(steps=steps, batch=batch, lr=lr, seed=seed, eval_every=max(1, steps // 10)), out,
+                 reference=reference, progress=lambda message: console.print(message))
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+
+
+@mdm_app.command("pretrain")
+def mdm_pretrain(
+    corpus: CorpusOption = "code",
+    length: LengthOption = 64,
+    dim: DimOption = 128,
+    layers: LayersOption = 4,
+    heads: HeadsOption = 4,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 3000,
+    batch: BatchOption = 64,
+    lr: LrOption = 2e-3,
+    seed: SeedOption = 0,
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write.")] = Path("runs/mdm/denoiser.pt"),
+    threads: ThreadsOption = None,
+) -> None:
+    """Train the masked-diffusion denoiser (MDLM loss, SUBS) on a bundled corpus and write its checkpoint."""
+    _pretrain(False, corpus, length, dim, layers, heads, steps, batch, lr, seed, out, threads)
+
+
+@mdm_app.command("pretrain-reference")
+def mdm_pretrain_reference(
+    corpus: CorpusOption = "code",
+    length: LengthOption = 64,
+    dim: DimOption = 128,
+    layers: LayersOption = 4,
+    heads: HeadsOption = 4,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 2000,
+    batch: BatchOption = 64,
+    lr: LrOption = 2e-3,
+    seed: SeedOption = 0,
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write.")] = Path("runs/mdm/reference.pt"),
+    threads: ThreadsOption = None,
+) -> None:
+    """Train the autoregressive reference model that scores samples (a local generative perplexity)."""
+    _pretrain(True, corpus, length, dim, layers, heads, steps, batch, lr, seed, out, threads)
+
+
+@mdm_app.command("sample")
+def mdm_sample(
+    sampler: Annotated[str, typer.Option(help="mdlm, remdm, star or gstar.")] = "mdlm",
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 32,
+    count: Annotated[int, typer.Option(min=1, help="Number of samples.")] = 64,
+    checkpoint: Annotated[Path, typer.Option(help="Denoiser checkpoint.")] = Path("runs/mdm/denoiser.pt"),
+    reference: Annotated[Optional[Path], typer.Option(help="Reference checkpoint for the perplexity (default: runs/mdm/reference.pt if it exists).")] = None,
+    head: Annotated[Optional[Path], typer.Option(help="Remasking-head checkpoint (gstar).")] = None,
+    tau: Annotated[float, typer.Option(min=1e-9, help="gstar: temperature of the error logits.")] = 1.0,
+    t_on: Annotated[float, typer.Option(min=0.0, max=1.0, help="star, gstar: star steps for t <= t_on (linear schedule).")] = 0.3,
+    schedule: Annotated[str, typer.Option(help="star, gstar: linear (gated by --t-on) or loop.")] = "linear",
+    remdm_mode: Annotated[str, typer.Option(help="remdm: cap, rescale or loop.")] = "rescale",
+    eta: Annotated[float, typer.Option(min=0.0, help="remdm: remasking rate parameter.")] = 0.015,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler's random draws.")] = 0,
+    show: Annotated[int, typer.Option(min=0, help="Samples to print.")] = 10,
+) -> None:
+    """Sample from a denoiser with one of the samplers and print metrics and excerpts."""
+    import json
+
+    import torch
+
+    from phases.diffusion.head import load_head
+    from phases.diffusion.metrics import sample_metrics
+    from phases.diffusion.model import load_checkpoint
+    from phases.diffusion.samplers import SamplerSettings, sample
+    from phases.data.corpus import decode
+
+    try:
+        settings = SamplerSettings(sampler, steps, schedule, t_on, remdm_mode, eta, tau)
+        model, _ = load_checkpoint(checkpoint, "denoiser")
+        remask_head = load_head(head, model.config.dim) if head is not None else None
+        reference_path = reference or (Path("runs/mdm/reference.pt") if Path("runs/mdm/reference.pt").is_file() else None)
+        scorer = load_checkpoint(reference_path, "reference")[0] if reference_path is not None else None
+        result = sample(model, settings, count, model.config.length, head=remask_head, generator=torch.Generator().manual_seed(seed))
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    metrics = sample_metrics(result.tokens, scorer, model.config.corpus)
+    metrics.update(denoiser_passes=result.denoiser_passes, head_passes=result.head_passes, forward_passes=result.forward_passes)
+    out.print_json(json.dumps(metrics))
+    for text in decode(result.tokens[:show]):
+        out.print(repr(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_dry_run(plan: Any) -> None:

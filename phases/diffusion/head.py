@@ -1,0 +1,127 @@
+"""The remasking head: which tokens of a complete proposal x0_hat are wrong.
+
+The head is one LayerNorm and one linear map to a single logit per position, on the frozen
+denoiser's last hidden states for x0_hat (a backbone pass over the proposal). It is trained with
+binary cross-entropy on labels y_i = [x0_hat_i != x0_i]. The proposal x0_hat comes from one
+denoising step of a clean sequence x0 from a random noise level: t ~ U(eps, 1), x_t masks each
+token with probability m(t), and every masked position is drawn from p(x0 | x_t) while the others
+are carried over. Carried-over positions therefore always have label 0, and the positive rate is
+at most the mask fraction.
+
+Metrics: BCE, AUROC and F1 (at logit 0), next to the base rate (the fraction of positives). A
+predictor that flags every position has F1 = 2 p / (1 + p) at base rate p, and chance AUROC is 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phases.data.corpus import MASK
+from phases.diffusion.model import CHECKPOINT_FORMAT, EPS, MaskedDiffusionLM, load_state, mask_fraction, read_checkpoint
+from phases.diffusion.samplers import draw_tokens
+
+
+class RemaskHead(nn.Module):
+    """LayerNorm + Linear(dim -> 1): error logits (N, L) from hidden states (N, L, dim)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(hidden)).squeeze(-1)
+
+
+@torch.no_grad()
+def proposals(model: MaskedDiffusionLM, x0: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One denoising step from a random noise level per sequence: (x_t, x0_hat, labels)."""
+    t = EPS + (1 - EPS) * torch.rand(x0.shape[0], generator=generator, device=x0.device)
+    masked = torch.rand(x0.shape, generator=generator, device=x0.device) < mask_fraction(t)[:, None]
+    x_t = torch.where(masked, torch.full_like(x0, MASK), x0)
+    proposal = torch.where(masked, draw_tokens(model.log_probs(x_t), generator), x0)
+    return x_t, proposal, (proposal != x0)
+
+
+@dataclass
+class HeadMetrics:
+    bce: float
+    auroc: float
+    f1: float
+    base_rate: float
+    f1_all_positive: float
+
+
+def evaluate_head(model: MaskedDiffusionLM, head: RemaskHead, x0: torch.Tensor, generator: torch.Generator, batch: int = 256) -> HeadMetrics:
+    """BCE, AUROC and F1 of the head on proposals drawn from held-out sequences x0."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    logits, labels = [], []
+    with torch.no_grad():
+        for start in range(0, len(x0), batch):
+            _, proposal, label = proposals(model, x0[start : start + batch], generator)
+            logits.append(head(model.net.hidden(proposal)).flatten())
+            labels.append(label.flatten())
+    score, truth = torch.cat(logits), torch.cat(labels).float()
+    bce = float(F.binary_cross_entropy_with_logits(score, truth))
+    y, s = truth.numpy().astype(int), score.numpy()
+    base = float(y.mean())
+    auroc = float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
+    f1 = float(f1_score(y, (s > 0).astype(int), zero_division=0.0))
+    return HeadMetrics(bce, auroc, f1, base, 2 * base / (1 + base) if base > 0 else 0.0)
+
+
+def train_head(
+    model: MaskedDiffusionLM, x0: torch.Tensor, *, steps: int, lr: float, wd: float, seed: int, batch: int = 64,
+    progress=None,
+) -> tuple[RemaskHead, list[float]]:
+    """Fine-tune a fresh head on the frozen denoiser with AdamW(lr, wd); return it and its losses."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = RemaskHead(model.config.dim)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
+    losses = []
+    for step in range(steps):
+        index = torch.randint(len(x0), (batch,), generator=generator)
+        _, proposal, label = proposals(model, x0[index], generator)
+        with torch.no_grad():
+            hidden = model.net.hidden(proposal)
+        loss = F.binary_cross_entropy_with_logits(head(hidden), label.float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        if not np.isfinite(losses[-1]):
+            break  # a diverging fine-tune is reported through its metrics, not raised
+        if progress is not None and (step + 1) % max(1, steps // 5) == 0:
+            progress(step + 1, float(np.mean(losses[-20:])))
+    return head, losses
+
+
+def save_head(head: RemaskHead, path, metrics: dict[str, float] | None = None) -> None:
+    """Write a head checkpoint (same format as the models', kind 'head')."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": CHECKPOINT_FORMAT, "kind": "head", "config": {"dim": head.dim},
+             "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "metrics": dict(metrics or {})}
+    torch.save(state, path)
+
+
+def load_head(path, dim: int) -> RemaskHead:
+    """Load a head for a denoiser of width `dim`; raises ValueError for an unusable file or width."""
+    state = read_checkpoint(path, "head")
+    if state["config"].get("dim") != dim:
+        raise ValueError(f"head {path} was trained on a denoiser of width {state['config'].get('dim')}, not {dim}; train it on this denoiser")
+    head = RemaskHead(dim)
+    load_state(head, state, path)
+    return head.eval()
