@@ -95,7 +95,13 @@ class Recommendation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recommendation":
-        stages = tuple(Stage(**s) for s in data["stages"])
+        missing = [key for key in ("steps", "stages") if key not in data]
+        if missing:
+            raise ValueError(f"a recommendation needs the keys steps and stages (missing: {', '.join(missing)}); use the output of `phases recommend`")
+        try:
+            stages = tuple(Stage(**s) for s in data["stages"])
+        except TypeError as exc:
+            raise ValueError(f"a recommendation stage needs step, lr, wd, predicted_loss and reason: {exc}") from None
         if not stages or stages[0].step != 0 or any(b.step <= a.step for a, b in zip(stages, stages[1:])):
             raise ValueError("a recommendation's stages must start at step 0 and have increasing steps")
         return cls(
@@ -198,9 +204,12 @@ def recommend(
     # 0; predictions are held at the line's lowest measured loss instead.
     floor_loss = max(0.0, float(line["U"].drop_nans().min()))
 
-    def predict(lr: float) -> float:
+    def law_loss(lr: float) -> float:
         temperature = temperature_law["prefactor"] * lr ** temperature_law["exponent"]
-        return max(floor_loss, float(loss_law["intercept"] + loss_law["slope"] * temperature))
+        return float(loss_law["intercept"] + loss_law["slope"] * temperature)
+
+    def predict(lr: float) -> float:
+        return max(floor_loss, law_loss(lr))
 
     def relaxation(lr: float) -> float:
         return e_folds / (4.0 * lr * chosen_wd)
@@ -213,7 +222,7 @@ def recommend(
         )
         return Recommendation(steps, (first,), selection, threshold, temperature_law, loss_law, tuple(reasons), True, tuple(warnings))
 
-    floor, floor_reason = float(line["lr"].min()), "the smallest lr of the diagram's line (no extrapolation below the grid)"
+    floor, floor_reason = float(line["lr"].min()), "the smallest lr of the diagram's line, since the laws are not extrapolated below the grid"
     if target_loss is not None:
         target_lr = _lr_for_loss(target_loss, temperature_law, loss_law)
         if target_lr is None:
@@ -238,18 +247,23 @@ def recommend(
         if reachable >= lr0:
             warnings.append(f"the {spare} steps after the hold are too few to re-equilibrate at any lr below {lr0:.3g}; no cooling")
             return Recommendation(steps, (first,), selection, threshold, temperature_law, loss_law, tuple(reasons), False, tuple(warnings))
-        warnings.append(f"the budget allows cooling only to lr {reachable:.3g}, not to {floor:.3g} ({floor_reason})")
+        warnings.append(f"the budget allows cooling only to lr {reachable:.3g}, not to {floor:.3g}: {floor_reason}")
         floor, floor_reason, path = reachable, "the smallest lr that re-equilibrates within the budget", [reachable]
     reasons.append(f"final lr {floor:.3g}: {floor_reason}; {len(path)} cooling stage(s), geometric from {lr0:.3g}")
     times = np.array([relaxation(lr) for lr in path])
     lengths = np.floor(times * spare / times.sum()).astype(int)
+    lengths[-1] = spare - int(lengths[:-1].sum())  # the last stage runs to the end of the budget
     stages = [first]
     step = hold
     for lr, length, needed in zip(path, lengths, times):
-        below = threshold is not None and lr < threshold
-        note = "; below the convergence threshold the laws are extrapolated and SGD keeps lowering the loss" if below else ""
-        stages.append(Stage(int(step), float(lr), chosen_wd, predict(lr), f"cool to lr {lr:.3g}: T = {temperature_law['prefactor'] * lr ** temperature_law['exponent']:.3g}, "
-                                                                            f"{length} steps (re-equilibration needs {needed:.0f}){note}"))
+        notes = []
+        if law_loss(lr) < floor_loss:
+            notes.append(f"the laws give {law_loss(lr):.4g}, held at the line's lowest measured loss")
+        if threshold is not None and lr < threshold:
+            notes.append("below the convergence threshold the laws are extrapolated and SGD keeps lowering the loss")
+        temperature = temperature_law["prefactor"] * lr ** temperature_law["exponent"]
+        reason = f"cool to lr {lr:.3g}: T = {temperature:.3g}, {length} steps (re-equilibration needs {needed:.0f})"
+        stages.append(Stage(int(step), float(lr), chosen_wd, predict(lr), "; ".join([reason, *notes])))
         step += int(length)
     reasons.append(
         f"temperature law T = {temperature_law['prefactor']:.3g} lr^{temperature_law['exponent']:.3f} ({temperature_law['source']}, {temperature_law['n']} points); "
@@ -396,7 +410,11 @@ def _without_equilibrium(lines: dict[float, pl.DataFrame], steps: int, selection
     chosen = _best_line(tops, has_test)
     point = tops[chosen]
     lr = float(point["lr"])
-    reason = f"constant lr {lr:.3g} at wd {chosen:g}: the largest converged lr; with no equilibrium band there is nothing to cool from"
+    metric = "test accuracy" if has_test else "stationary loss U"
+    reason = (
+        f"constant lr {lr:.3g} at wd {chosen:g}: the largest converged lr, on the weight-decay line whose largest converged point "
+        f"has the best {metric}; with no equilibrium band there is nothing to cool from"
+    )
     warning = "degraded: the diagram has no equilibrium point, so there is no temperature law, no threshold and no cooling path"
     stage = Stage(0, lr, chosen, float(point["U"]), reason)
     empty = {"source": "none", "n": 0}

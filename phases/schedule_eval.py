@@ -68,7 +68,8 @@ def setting_from(spec: dict[str, Any], recommendation: Recommendation) -> Settin
     """Build the training setting of a diagram's spec at the recommendation's slice."""
     if spec.get("kind") != "scale_invariant":
         raise ValueError(
-            f"evaluate-schedule trains the diagram's network, so it needs a scale_invariant sweep; this diagram's kind is {spec.get('kind')!r}"
+            f"evaluate-schedule trains the diagram's network, so it needs a scale_invariant sweep; this diagram's kind is {spec.get('kind')!r}. "
+            "Run it on a network sweep such as `phases sweep search_spaces/recommend_digits.yaml`"
         )
     params = NetworkParams.model_validate(spec.get("params") or {})
     selection = recommendation.selection
@@ -128,15 +129,17 @@ def build_methods(recommendation: Recommendation, best: dict[str, Any], steps: i
     def stage_wd(step: int) -> float:
         return recommendation.stage_at(step).wd
 
+    picks = f"lr {min(range_lrs):.3g}" if len(set(range_lrs)) == 1 else f"lr {min(range_lrs):.3g} to {max(range_lrs):.3g} by seed"
+    first = recommendation.stages[0]
     per_seed = []
     for picked in range_lrs:
         per_seed.append([
-            Method("recommended", f"{len(recommendation.stages)} stage(s) from lr {recommendation.stages[0].lr:.3g}", stage_lr, stage_wd),
+            Method("recommended", f"{len(recommendation.stages)} stage(s) from lr {first.lr:.3g}, wd {first.wd:g}", stage_lr, stage_wd),
             Method("constant", f"lr {lr0:.3g}, wd {wd0:g} (best grid point)", lambda s: lr0, lambda s: wd0),
             Method("cosine", f"cosine from lr {lr0:.3g}, wd {wd0:g}", cosine(lr0, steps), lambda s: wd0),
             Method("step", f"lr {lr0:.3g}, x0.1 at 50% and 75%, wd {wd0:g}",
                    step_decay(lr0, steps), lambda s: wd0),
-            Method("range_test_cosine", f"range test ({range_steps} steps) picks lr {picked:.3g}, then cosine, wd {wd0:g}",
+            Method("range_test_cosine", f"range test ({range_steps} steps) picks {picks}, then cosine, wd {wd0:g}",
                    cosine(picked, steps - range_steps), lambda s: wd0),
         ])
     return per_seed

@@ -28,14 +28,14 @@ from analysis.recommend import Recommendation
 class PhaseScheduler(LRScheduler):
     """Follow the (step, lr, wd) stages of a recommendation; a standard `LRScheduler`.
 
-    recommendation: a `Recommendation`, its `to_dict()` form, or a path to that JSON (the output of
-    `phases recommend --format json`). `state_dict()` / `load_state_dict()` save and restore the
+    recommendation: a `Recommendation`, its `to_dict()` form, or a path to the JSON or YAML file
+    that `phases recommend --out` writes. `state_dict()` / `load_state_dict()` save and restore the
     position and the stages.
     """
 
     def __init__(self, optimizer: Optimizer, recommendation: Recommendation | dict[str, Any] | str | Path, last_epoch: int = -1):
         if isinstance(recommendation, (str, Path)):
-            recommendation = json.loads(Path(recommendation).read_text())
+            recommendation = read_recommendation(recommendation)
         if isinstance(recommendation, dict):
             recommendation = Recommendation.from_dict(recommendation)
         self.starts = [stage.step for stage in recommendation.stages]
@@ -45,7 +45,7 @@ class PhaseScheduler(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def stage_index(self, step: int | None = None) -> int:
-        """Index of the stage that holds `step` (default: the current step)."""
+        """Return the index of the stage that contains `step` (default: the current step)."""
         step = self.last_epoch if step is None else step
         return max(0, bisect.bisect_right(self.starts, step) - 1)
 
@@ -59,3 +59,20 @@ class PhaseScheduler(LRScheduler):
         for group, decayed in zip(self.optimizer.param_groups, self.decayed_groups):
             if decayed:
                 group["weight_decay"] = wd
+
+
+def read_recommendation(path: str | Path) -> dict[str, Any]:
+    """Read a recommendation file: YAML for .yaml/.yml, else JSON; raises ValueError if unreadable."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ValueError(
+            f"cannot read recommendation {path}: {exc}; give the JSON or YAML file that `phases recommend --out` writes"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"recommendation {path} is not a mapping; give the file that `phases recommend --out` writes")
+    return data

@@ -51,6 +51,7 @@ def test_recommendation_follows_the_algorithm_on_known_laws():
     for stage, end in zip(cooling, ends):
         assert end - stage.step >= math.floor(DEFAULT_E_FOLDS / (4.0 * stage.lr * stage.wd)) - 1
         assert stage.predicted_loss == pytest.approx(U0 + C * A * stage.lr**B, rel=1e-9)
+    assert f"{rec.steps - cooling[-1].step} steps" in cooling[-1].reason  # the last stage runs to the end
     assert not rec.degraded
 
 
@@ -121,3 +122,4 @@ def test_predictions_never_fall_below_the_lowest_measured_loss():
     assert rec.stages[-1].lr == pytest.approx(0.01)
     assert rec.stages[-1].predicted_loss == 0.01
     assert all(stage.predicted_loss >= 0.01 for stage in rec.stages)
+    assert "held at the line's lowest measured loss" in rec.stages[-1].reason

@@ -75,3 +75,19 @@ def test_malformed_stages_are_refused():
     data["stages"][1]["step"] = 0
     with pytest.raises(ValueError, match="start at step 0 and have increasing steps"):
         PhaseScheduler(_optimizer(), data)
+
+
+def test_yaml_file_and_bad_recommendations(tmp_path):
+    import yaml
+
+    path = tmp_path / "recommendation.yaml"
+    path.write_text(yaml.safe_dump(_recommendation().to_dict(), sort_keys=False))
+    optimizer = _optimizer()
+    seen = _run(optimizer, PhaseScheduler(optimizer, path), 300)
+    assert [lr for lr, _, _ in seen] == [_expected(step)[0] for step in range(300)]
+    with pytest.raises(ValueError, match="needs the keys steps and stages \\(missing: stages\\)"):
+        PhaseScheduler(_optimizer(), {"steps": 10})
+    broken = tmp_path / "broken.json"
+    broken.write_text("not json")
+    with pytest.raises(ValueError, match="cannot read recommendation .*broken.json"):
+        PhaseScheduler(_optimizer(), broken)
