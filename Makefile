@@ -30,6 +30,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/isotropic.py
 	$(BIN)/python bench/population.py
+	$(BIN)/python bench/diffusion.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -473,6 +473,51 @@ def mdm_sample(
         out.print(repr(text), markup=False, highlight=False, soft_wrap=True)
 
 
+@mdm_app.command("compare")
+def mdm_compare(
+    checkpoint: Annotated[Path, typer.Option(help="Denoiser checkpoint.")] = Path("runs/mdm/denoiser.pt"),
+    reference: Annotated[Optional[Path], typer.Option(help="Reference checkpoint for the perplexity.")] = None,
+    head: Annotated[Optional[Path], typer.Option(help="Remasking-head checkpoint; without it gstar is left out.")] = None,
+    samplers: Annotated[str, typer.Option(help="Comma-separated samplers.")] = "mdlm,remdm,star,gstar",
+    steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "8,16,32,64",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per sampler and step count.")] = 3,
+    count: Annotated[int, typer.Option(min=1, help="Samples per seed.")] = 512,
+    tau: Annotated[float, typer.Option(min=1e-9, help="gstar: temperature of the error logits.")] = 1.0,
+    t_on: Annotated[float, typer.Option(min=0.0, max=1.0, help="star, gstar: star steps for t <= t_on.")] = 0.3,
+    output: Annotated[Optional[Path], typer.Option("--out", help="Write the rows as JSON to this file and the table as Markdown next to it.")] = None,
+) -> None:
+    """Compare samplers at several step counts: quality, diversity and passes per sample, over seeds."""
+    import json
+
+    from phases.diffusion.compare import compare_samplers, markdown_table
+    from phases.diffusion.head import load_head
+    from phases.diffusion.model import load_checkpoint
+    from phases.diffusion.samplers import SamplerSettings
+
+    try:
+        model, _ = load_checkpoint(checkpoint, "denoiser")
+        scorer = load_checkpoint(reference, "reference")[0] if reference is not None else None
+        remask_head = load_head(head, model.config.dim) if head is not None else None
+        names = [name.strip() for name in samplers.split(",") if name.strip()]
+        if "gstar" in names and remask_head is None:
+            console.print("[yellow]warning:[/] no --head given, so gstar is left out")
+            names.remove("gstar")
+        counts = [int(value) for value in steps.split(",") if value.strip()]
+        settings = [SamplerSettings(name, n, t_on=t_on, tau=tau) for name in names for n in counts]
+        rows = compare_samplers(model, settings, seeds=seeds, count=count, reference=scorer, head=remask_head,
+                                progress=lambda message: console.print(message))
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    table = markdown_table(rows)
+    out.print(table, markup=False, highlight=False, soft_wrap=True)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(rows, indent=2))
+        output.with_suffix(".md").write_text(table)
+        console.print(f"written {output} and {output.with_suffix('.md')}")
+
+
 def _print_dry_run(plan: Any) -> None:
     from phases.trials import get_kind
 

@@ -244,9 +244,29 @@ def test_mdm_commands_pretrain_and_sample(tmp_path):
     metrics = json.loads(result.stdout)
     assert metrics["denoiser_passes"] == 4
     assert metrics["reference_perplexity"] > 1.0
+    result = runner.invoke(app, ["mdm", "compare", "--checkpoint", str(tmp_path / "d.pt"), "--samplers", "mdlm,gstar", "--steps", "2,4",
+                                 "--seeds", "1", "--count", "4", "--out", str(tmp_path / "compare.json")])
+    assert result.exit_code == 0, result.output
+    assert [row["steps"] for row in json.loads((tmp_path / "compare.json").read_text())] == [2, 4]  # gstar left out: no head
+    assert "| mdlm | 4 |" in (tmp_path / "compare.md").read_text()
     result = runner.invoke(app, ["mdm", "sample", "--checkpoint", str(tmp_path / "r.pt")])
     assert result.exit_code == 2
     assert "contains a 'reference' model, but a 'denoiser' model is needed" in " ".join(result.output.split())
     result = runner.invoke(app, ["mdm", "pretrain", "--dim", "30", "--heads", "4"])
     assert result.exit_code == 2
     assert "--dim 30 must be a multiple of --heads 4" in " ".join(result.output.split())
+
+
+def test_compare_samplers_reports_mean_and_std(tiny):
+    from phases.diffusion.compare import compare_samplers, markdown_table
+
+    settings = [SamplerSettings("mdlm", 4), SamplerSettings("gstar", 4, t_on=0.6)]
+    rows = compare_samplers(tiny, settings, seeds=2, count=6, head=RemaskHead(32))
+    assert [row["sampler"] for row in rows] == ["mdlm", "gstar"]
+    for row in rows:
+        assert len(row["validity_per_seed"]) == 2
+        assert row["validity_mean"] == pytest.approx(np.mean(row["validity_per_seed"]))
+        assert row["reference_perplexity_mean"] is None  # no reference model given
+    assert rows[0]["forward_passes"] == 4
+    assert rows[1]["head_passes"] == 2  # t = 0.5 and 0.25 are <= t_on
+    assert "| gstar | 4 | 6 |" in markdown_table(rows)
