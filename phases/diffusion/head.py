@@ -98,7 +98,7 @@ def train_head(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if not np.isfinite(losses[-1]):
             break  # a diverging fine-tune is reported through its metrics, not raised
         if progress is not None and (step + 1) % max(1, steps // 5) == 0:
