@@ -7,9 +7,9 @@ Two corpora, both built from the running interpreter's own files, so nothing is 
   kept when it is printable ASCII, fits in the sequence length, and parses on its own with
   `ast.parse`. A statement such as `return x` parses (the parser accepts it; only the compiler
   rejects it outside a function).
-- `english`: the bundled documentation text in `pydoc_data.topics` (what `help()` prints), each
-  paragraph word-wrapped to the sequence length; lines of printable ASCII with at least 20
-  characters.
+- `english`: the bundled documentation text in `pydoc_data.topics` (what `help()` prints). Each
+  paragraph is word-wrapped to the sequence length, and lines of printable ASCII with at least 20
+  characters are kept.
 
 Duplicates are dropped. Each text goes to train (90%), valid (5%) or test (5%) by a SHA-1 hash of
 its text, so the split does not depend on file order. The texts depend on the interpreter's
@@ -118,7 +118,12 @@ def load_corpus(name: str = "code", length: int = DEFAULT_LENGTH) -> Corpus:
     parts: dict[str, list[str]] = {split: [] for split in SPLITS}
     for text in sorted(set(texts)):
         bucket = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) % 100
-        parts["train" if bucket < 90 else "valid" if bucket < 95 else "test"].append(text)
+        if bucket < 90:
+            parts["train"].append(text)
+        elif bucket < 95:
+            parts["valid"].append(text)
+        else:
+            parts["test"].append(text)
     version = ".".join(str(v) for v in sys.version_info[:3])
     return Corpus(name, length, tuple(parts["train"]), tuple(parts["valid"]), tuple(parts["test"]), version)
 

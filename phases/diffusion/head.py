@@ -43,7 +43,7 @@ class RemaskHead(nn.Module):
 
 @torch.no_grad()
 def proposals(model: MaskedDiffusionLM, x0: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One denoising step from a random noise level per sequence: (x_t, x0_hat, labels)."""
+    """Take one denoising step from a random noise level per sequence; return (x_t, x0_hat, labels)."""
     t = EPS + (1 - EPS) * torch.rand(x0.shape[0], generator=generator, device=x0.device)
     masked = torch.rand(x0.shape, generator=generator, device=x0.device) < mask_fraction(t)[:, None]
     x_t = torch.where(masked, torch.full_like(x0, MASK), x0)

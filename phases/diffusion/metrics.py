@@ -58,7 +58,7 @@ def reference_perplexity(reference, tokens: torch.Tensor, batch: int = 256) -> f
 
 
 def sample_metrics(tokens: torch.Tensor, reference=None, corpus: str = "code") -> dict[str, float | None]:
-    """All metrics of a sample set (N, L); perplexity only with a reference model."""
+    """Compute every metric of a sample set (N, L); the perplexity needs a reference model."""
     texts = decode(tokens)
     return {
         "validity": validity(texts) if corpus == "code" else None,

@@ -104,7 +104,7 @@ class MaskedDiffusionLM(nn.Module):
         return torch.where((x_t == MASK).unsqueeze(-1), log_p, carried)
 
     def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The MDLM loss of a batch of clean sequences (N, L), per token, with t ~ U(eps, 1)."""
+        """Compute the MDLM loss of a batch of clean sequences (N, L), per token, with t ~ U(eps, 1)."""
         n = x0.shape[0]
         # Low-discrepancy times (one uniform offset, N evenly spaced values) reduce the loss's variance.
         offset = torch.rand(1, generator=generator, device=x0.device)
@@ -127,9 +127,10 @@ class AutoregressiveLM(nn.Module):
         self.net = Transformer(config)
 
     def nll(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean negative log-likelihood per predicted token of each sequence (N,), predicting
-        tokens 1..L-1 from their prefixes; with `lengths`, only up to each sequence's length
-        (its first padding token included, so the end of a text is scored)."""
+        """Compute each sequence's mean negative log-likelihood per predicted token (N,).
+
+        Tokens 1..L-1 are predicted from their prefixes. With `lengths`, only the first `lengths`
+        predictions count, which include the first padding token, so the end of a text is scored."""
         logits = self.net(tokens[:, :-1])
         target = tokens[:, 1:]
         per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view(target.shape)

@@ -89,7 +89,7 @@ def loop_mask_fraction(t: float) -> float:
 
 
 def draw_tokens(log_p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One categorical draw per position from log-probabilities (N, L, V), by Gumbel argmax."""
+    """Draw one token per position from log-probabilities (N, L, V), by Gumbel argmax."""
     uniform = torch.rand(log_p.shape, generator=generator, device=log_p.device).clamp_(1e-20, 1.0)
     return (log_p - torch.log(-torch.log(uniform))).argmax(dim=-1)
 
@@ -139,10 +139,11 @@ def star_step(
     x: torch.Tensor, log_p: torch.Tensor, m_s: float, generator: torch.Generator | None,
     scores: Callable[[torch.Tensor], torch.Tensor] | None = None, tau: float = 1.0, exact_count: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Star-shaped step: return (x_s, the proposal x0_hat). The proposal fills every masked
-    position; then exactly ceil(m_s L) positions are masked (uniformly, or by Gumbel top-k on
-    `scores(x0_hat) / tau`), or with `exact_count=False` each position independently with
-    probability m_s."""
+    """Take a star-shaped step and return (x_s, the proposal x0_hat).
+
+    The proposal fills every masked position. Then exactly ceil(m_s L) positions are masked,
+    chosen uniformly or by Gumbel top-k on `scores(x0_hat) / tau`. With `exact_count=False`, each
+    position is masked independently with probability m_s instead."""
     proposal = torch.where(x == MASK, draw_tokens(log_p, generator), x)
     length = x.shape[1]
     if not exact_count:

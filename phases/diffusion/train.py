@@ -1,8 +1,8 @@
 """Pretraining of the masked-diffusion denoiser and of the autoregressive reference model.
 
-Both train with AdamW (weight decay 0.01), a linear warm-up over 5% of the steps and cosine decay
-to a tenth of the peak learning rate, on random batches of the corpus's train split, and report
-the loss on the valid split. The reference model scores samples: its mean negative log-likelihood
+Both train with AdamW (weight decay 0.01) on random batches of the corpus's train split. The
+learning rate warms up linearly over 5% of the steps, then decays by a cosine to a tenth of the
+peak. Both report the loss on the valid split. The reference model scores samples: its mean negative log-likelihood
 per token, exponentiated, is the generative-perplexity analogue of `phases.diffusion.metrics`.
 """
 
@@ -40,17 +40,20 @@ def pretrain(
     if settings.steps < 1 or settings.batch < 1:
         raise ValueError(f"steps and batch must be >= 1, got {settings.steps} and {settings.batch}")
     say = progress or (lambda message: None)
+
     corpus = load_corpus(config.corpus, config.length)
     config = replace(config, causal=reference, python_version=corpus.python_version)
     train, valid = encode(corpus.train, config.length), encode(corpus.valid, config.length)[: settings.eval_sequences]
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     model = AutoregressiveLM(config) if reference else MaskedDiffusionLM(config)
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     warmup = max(1, settings.steps // 20)
     what = "reference model" if reference else "denoiser"
     say(f"{what}: {parameter_count(model):,} parameters, {len(train):,} training sequences of {config.length} tokens "
         f"({config.corpus} corpus), {settings.steps} steps of batch {settings.batch}")
+
     started = time.perf_counter()
     recent: list[float] = []
     metrics: dict[str, float] = {}
@@ -65,12 +68,14 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         recent = (recent + [float(loss.detach())])[-100:]
+
         if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
             valid_loss = evaluate_loss(model, valid, reference, settings.seed)
             metrics = {"train_loss": sum(recent) / len(recent), "valid_loss": valid_loss, "steps": step + 1,
                        "seconds": time.perf_counter() - started}
             say(f"step {step + 1}/{settings.steps}: train loss {metrics['train_loss']:.4f}, valid loss {valid_loss:.4f} per token "
                 f"({metrics['seconds']:.0f} s)")
+
     model.eval()
     save_checkpoint(model, out, "reference" if reference else "denoiser", metrics)
     say(f"checkpoint written to {out}")

@@ -285,9 +285,9 @@ class PopulationNet:
         self.head = architecture.head.to(self.device, dtype)
         self.sizes = [int(torch.Size(s).numel()) for s in architecture.shapes]
         self.dim = sum(self.sizes)
-        # The training step's loss and gradient. With `compile`, the MLP's hand-written step is
-        # compiled by torch.compile (inductor) on its first call; the measurements stay eager, so
-        # their varying batch shapes cause no recompilation.
+        # The training step's loss and gradient. With `compile`, torch.compile (inductor) compiles
+        # the MLP's hand-written step on its first call. Measurements stay eager, so their varying
+        # batch shapes cause no recompilation.
         self.step_loss_and_gradient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = self.loss_and_gradient
         if compile:
             if architecture.name != "mlp":

@@ -21,9 +21,15 @@ def _diagram(wds=(3e-3, 3e-2), regimes=REGIMES, accuracy=ACCURACY, hold=400.0, d
     for w_index, wd in enumerate(wds):
         for lr, regime, acc in zip(LRS, regimes, accuracy):
             T = A * lr**B
+            if regime == "equilibrium":
+                U = U0 + C * T
+            elif regime == "converged":
+                U = 0.01
+            else:
+                U = 2.3
             rows.append({
                 "protocol": "lr", "lr": lr, "wd": wd, "noise": 0.0, "batch_size": 128, "width": 2, "regime": regime,
-                "T": T, "U": U0 + C * T if regime == "equilibrium" else (0.01 if regime == "converged" else 2.3),
+                "T": T, "U": U,
                 "test_acc": acc - 0.01 * w_index, "stationary_from": hold, "window_start": 2000.0,
             })
     return pl.DataFrame(rows).drop(list(drop))

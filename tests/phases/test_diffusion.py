@@ -16,8 +16,8 @@ from phases.diffusion.model import (
 )
 from phases.diffusion.samplers import SamplerSettings, gumbel_top_k, mdlm_step, remdm_step, sample, star_step
 
-# Significance level of every statistical test here; each draws from a fixed seed, so a failure
-# is reproducible, and a correct sampler fails one of them with probability 0.001.
+# Significance level of every statistical test here. Each test draws from a fixed seed, so a
+# failure is reproducible. A correct sampler fails one of them with probability 0.001.
 ALPHA = 1e-3
 
 
@@ -104,7 +104,7 @@ def _category_counts(draws: torch.Tensor, categories: int) -> np.ndarray:
     return np.stack([np.bincount(draws[:, i].numpy(), minlength=categories) for i in range(draws.shape[1])])
 
 
-def test_star_step_matches_remdm_with_sigma_one_minus_alpha():
+def test_star_step_matches_remdm():
     # Fixed p(x0 | x_t) over tokens 2..6; four masked and four revealed positions. The star step
     # with independent masking and the ReMDM step with sigma = 1 - alpha_s (= m_s) must give every
     # position the same distribution over {mask, tokens}. A chi-square test of homogeneity per
@@ -137,14 +137,15 @@ def test_infinite_tau_selects_positions_uniformly():
     assert torch.all(chosen.sum(dim=1) == 3)
 
 
-def test_gumbel_top_one_follows_softmax_and_small_tau_is_top_k():
+def test_gumbel_top_k_laws():
     generator = torch.Generator().manual_seed(6)
     base = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0])
     chosen = gumbel_top_k(base.repeat(20000, 1), 1, 1.0, generator)
     expected = torch.softmax(base, 0).numpy() * 20000
     assert stats.chisquare(chosen.sum(dim=0).numpy(), expected).pvalue > ALPHA
     cold = gumbel_top_k(base.repeat(100, 1), 2, 1e-6, generator)
-    assert torch.all(cold[:, 3:]) and not cold[:, :3].any()
+    assert torch.all(cold[:, 3:])
+    assert not cold[:, :3].any()
 
 
 def test_head_labels_are_zero_where_unmasked(tiny):
