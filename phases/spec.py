@@ -21,7 +21,9 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PROTOCOLS = ("sphere", "elr", "lr")
+PROTOCOLS = ("sphere", "elr", "lr")  # the thermodynamic kinds' protocols
+# Every protocol some kind accepts; `_check_kind` checks a grid's protocol against its kind's list.
+ALL_PROTOCOLS = PROTOCOLS + ("adamw",)
 
 # Axes every kind understands, with the check each value must pass.
 AXIS_RULES: dict[str, tuple[str, Any]] = {
@@ -91,15 +93,15 @@ class Resources(_Model):
 class Grid(_Model):
     """One protocol with the axes swept under it."""
 
-    protocol: str = Field(description="sphere, elr or lr")
+    protocol: str = Field(description="sphere, elr or lr; adamw for the remask kind")
     axes: dict[str, list[float]] = Field(description="axis name -> values")
     steps: int | None = Field(None, ge=1, description="overrides the spec's steps for this grid")
 
     @field_validator("protocol")
     @classmethod
     def _known_protocol(cls, value: str) -> str:
-        if value not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {value!r}; allowed: {', '.join(PROTOCOLS)}")
+        if value not in ALL_PROTOCOLS:
+            raise ValueError(f"unknown protocol {value!r}; allowed: {', '.join(ALL_PROTOCOLS)}")
         return value
 
 
@@ -241,7 +243,7 @@ def _normalise_grids(label: str, raw: dict[str, Any]) -> tuple[list[dict[str, An
             raise SpecError(label, where, "each grid must be a mapping with `protocol` and `axes`")
         grid = dict(grid)
         if grid.get("protocol") is None:
-            raise SpecError(label, f"{where}.protocol", f"required field is missing; allowed: {', '.join(PROTOCOLS)}")
+            raise SpecError(label, f"{where}.protocol", f"required field is missing; allowed: {', '.join(ALL_PROTOCOLS)}")
         axes = grid.get("axes")
         if not isinstance(axes, dict) or not axes:
             raise SpecError(label, f"{where}.axes", "must be a non-empty mapping of axis name to values")
@@ -314,6 +316,12 @@ def _check_kind(label: str, spec: SweepSpec, grid_sources: list[int]) -> None:
 
     for expanded_index, grid in enumerate(spec.grids):
         index = grid_sources[expanded_index]
+        if grid.protocol not in kind.protocols:
+            raise SpecError(
+                label,
+                f"grids[{index}].protocol",
+                f"protocol {grid.protocol!r} is not valid for kind {spec.kind!r}; allowed: {', '.join(kind.protocols)}",
+            )
         allowed = kind.axes_for(grid.protocol)
         for axis in grid.axes:
             if axis not in allowed:

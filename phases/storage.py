@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 PART_SUFFIX = ".parquet"
 
 
@@ -97,8 +97,11 @@ class SweepStore:
     # -- reads ----------------------------------------------------------------------------------
 
     def read_text(self, relative: str) -> str:
+        return self.read_bytes(relative).decode("utf-8")
+
+    def read_bytes(self, relative: str) -> bytes:
         with self.filesystem.open_input_stream(self.path(relative)) as stream:
-            return stream.read().decode("utf-8")
+            return stream.read()
 
     def read_json(self, relative: str) -> Any:
         return json.loads(self.read_text(relative))

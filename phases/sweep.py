@@ -121,6 +121,7 @@ def run_sweep(
 
     errors: dict[str, str] = {}
     if missing:
+        get_kind(plan.spec.kind).prepare(plan.spec, plan.store, lambda message: console.print(message, markup=False, highlight=False))
         ray_started = start_ray(address)
         try:
             errors = run_chunks(plan, missing, already_done=len(done), max_concurrent=max_concurrent, console=console)
@@ -252,8 +253,8 @@ def finish_sweep(
     missing_points = [p.point_id for c in plan.chunks if c.chunk_id in failed for p in c.points]
     store.write_json("failures.json", {"failed_chunks": failed, "missing_points": missing_points})
 
-    trajectories, summaries = compact(store, [c for c in plan.chunk_ids if c in finished])
-    write_tables(store, trajectories)
+    trajectories, summaries, samples = compact(store, [c for c in plan.chunk_ids if c in finished])
+    write_tables(store, trajectories, samples)
     fits = analyse(store, summaries, plan.spec.resolved(), __version__, trajectories)
 
     result = SweepResult(store.uri, len(plan.points), len(plan.chunks), 0, failed, missing_points, fits)

@@ -41,7 +41,7 @@ def train_chunk(config: dict[str, Any], payload: dict[str, Any]) -> None:
             return read_state_dir(Path(directory))
 
     context = TrialContext(
-        spec=spec, device=_trial_device(), save_state=save_state, load_state=load_state, checkpoint_every_s=spec.checkpoint_every_s
+        spec=spec, device=_trial_device(), store=store, save_state=save_state, load_state=load_state, checkpoint_every_s=spec.checkpoint_every_s
     )
     result = get_kind(chunk_.points[0].kind).run(chunk_, context)
     table = part_table(chunk_, result)

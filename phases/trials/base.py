@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from phases.grid import Chunk
-from phases.spec import SweepSpec
+from phases.spec import PROTOCOLS, SweepSpec
 
 logger = logging.getLogger(__name__)
 
@@ -25,22 +25,26 @@ class ChunkResult:
     """Result of a kind's training of one chunk.
 
     `trajectories` maps point_id to that point's columns (equal-length sequences, one entry per
-    logged step). `summaries` maps point_id to the stationary summary of that point.
+    logged step). `summaries` maps point_id to the stationary summary of that point. `samples`
+    maps point_id to rows of sample-quality metrics, one per sampling step count (remask only).
     """
 
     trajectories: dict[str, dict[str, Any]]
     summaries: dict[str, dict[str, Any]]
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
 class TrialContext:
-    """Services a running kind may use; it never touches storage or MLflow itself.
+    """Services a running kind may use. A kind never writes to storage or MLflow itself; it may
+    read files the driver shared through `store` (the remask kind's base checkpoints).
 
     The checkpoint hooks are no-ops outside Ray Tune (tests and benchmarks call kinds directly).
     """
 
     spec: SweepSpec
     device: str = "cpu"
+    store: Any = None  # the sweep's SweepStore, for kinds that read shared files from it (remask)
     save_state: Callable[[dict[str, np.ndarray], dict[str, Any]], None] | None = None
     load_state: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]] | None] | None = None
     checkpoint_every_s: float = 60.0
@@ -95,6 +99,7 @@ class TrialKind(abc.ABC):
 
     name: str
     params_model: type[BaseModel]
+    protocols: tuple[str, ...] = PROTOCOLS
 
     def validate_params(self, params: dict[str, Any]) -> BaseModel:
         """Return the kind's parameters as a model; raises pydantic.ValidationError."""
@@ -114,6 +119,10 @@ class TrialKind(abc.ABC):
     def check_inputs(self, spec: SweepSpec) -> None:
         """Check what the spec points at outside itself (data files); raise ValueError naming the
         problem and the fix. Runs before any Ray work."""
+
+    def prepare(self, spec: SweepSpec, store: Any, say: Callable[[str], None]) -> None:
+        """Driver-side work done once per sweep before any trial starts, such as writing files the
+        trials share into the sweep's storage. `say` prints a progress line."""
 
     @abc.abstractmethod
     def run(self, chunk: Chunk, context: TrialContext) -> ChunkResult:
