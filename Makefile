@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STORAGE ?= runs
 
-.PHONY: setup demo network-demo test bench clean
+.PHONY: setup demo network-demo remask-demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ demo: setup
 
 network-demo: setup
 	$(BIN)/phases sweep search_spaces/convnet_digits.yaml --storage $(STORAGE)
+
+# Pretrains runs/mdm/denoiser.pt and reference.pt first if they are missing (about 30 minutes).
+remask-demo: setup
+	$(BIN)/phases sweep search_spaces/remask_code.yaml --storage $(STORAGE)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -112,8 +112,8 @@ def _refit_sweep(store: Any) -> None:
     if not parts:
         console.print(f"[red]error:[/] {store.uri}/parts contains no finished chunks; run `phases sweep` first")
         raise typer.Exit(2)
-    trajectories, summaries = compact(store, parts)
-    write_tables(store, trajectories)
+    trajectories, summaries, samples = compact(store, parts)
+    write_tables(store, trajectories, samples)
     fits = analyse(store, summaries, yaml.safe_load(store.read_text("spec.yaml")), __version__, trajectories)
     _print_fits(fits)
     out.print(f"analysis written to {store.uri}")
@@ -400,7 +400,7 @@ def mdm_pretrain(
     dim: DimOption = 128,
     layers: LayersOption = 4,
     heads: HeadsOption = 4,
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 3000,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 2200,
     batch: BatchOption = 64,
     lr: LrOption = 2e-3,
     seed: SeedOption = 0,
@@ -418,7 +418,7 @@ def mdm_pretrain_reference(
     dim: DimOption = 128,
     layers: LayersOption = 4,
     heads: HeadsOption = 4,
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 2000,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 1200,
     batch: BatchOption = 64,
     lr: LrOption = 2e-3,
     seed: SeedOption = 0,
@@ -427,6 +427,44 @@ def mdm_pretrain_reference(
 ) -> None:
     """Train the autoregressive reference model that scores samples (a local generative perplexity)."""
     _pretrain(True, corpus, length, dim, layers, heads, steps, batch, lr, seed, out, threads)
+
+
+@mdm_app.command("train-head")
+def mdm_train_head(
+    checkpoint: Annotated[Path, typer.Option(help="Denoiser checkpoint whose hidden states the head reads.")] = Path("runs/mdm/denoiser.pt"),
+    steps: Annotated[int, typer.Option(min=1, help="AdamW steps.")] = 600,
+    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-2,
+    wd: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay (decoupled).")] = 0.0,
+    batch: BatchOption = 64,
+    seed: SeedOption = 0,
+    output: Annotated[Path, typer.Option("--out", help="Head checkpoint to write.")] = Path("runs/mdm/head.pt"),
+    threads: ThreadsOption = None,
+) -> None:
+    """Fine-tune a remasking head on the frozen denoiser and report BCE, AUROC and F1 on held-out text."""
+    import torch
+
+    from phases.data.corpus import encode, load_corpus
+    from phases.diffusion.head import evaluate_head, save_head, train_head
+    from phases.diffusion.model import load_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model, _ = load_checkpoint(checkpoint, "denoiser")
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {_escape(str(exc))}")
+        raise typer.Exit(2) from None
+    corpus = load_corpus(model.config.corpus, model.config.length)
+    train, valid = encode(corpus.train, model.config.length), encode(corpus.valid, model.config.length)
+    console.print(f"head: {steps} steps of batch {batch}, lr {lr:g}, wd {wd:g}, on {checkpoint}")
+    head, losses = train_head(model, train, steps=steps, lr=lr, wd=wd, seed=seed, batch=batch,
+                              progress=lambda step, loss: console.print(f"step {step}/{steps}: BCE {loss:.4f}"))
+    metrics = evaluate_head(model, head, valid, torch.Generator().manual_seed(seed + 1))
+    report = {"bce": metrics.bce, "auroc": metrics.auroc, "f1": metrics.f1, "base_rate": metrics.base_rate,
+              "f1_all_positive": metrics.f1_all_positive, "train_loss": sum(losses[-50:]) / len(losses[-50:])}
+    save_head(head, output, report)
+    out.print_json(data={key: round(value, 4) for key, value in report.items()})
+    console.print(f"written {output}")
 
 
 @mdm_app.command("sample")
@@ -562,7 +600,10 @@ def _warn_if_tracking_unreachable(store: Any, tracking_uri: str | None) -> None:
 def _print_result(result: Any) -> None:
     out.print(f"[bold green]done[/] in {result.elapsed_s:.0f} s: {result.n_points} points, {result.chunks_run} chunks run")
     out.print(f"sweep directory: {result.path}")
-    for name in ("points.parquet", "diagram.parquet", "trajectories.parquet", "fits.json", "plots/"):
+    names = ["points.parquet", "diagram.parquet", "trajectories.parquet", "fits.json", "plots/"]
+    if result.fits.get("kind") == "remask":
+        names.insert(3, "samples.parquet")
+    for name in names:
         out.print(f"  {result.path}/{name}")
     _print_fits(result.fits)
     if result.failed_chunks:
@@ -580,6 +621,9 @@ def _print_result(result: Any) -> None:
 
 
 def _print_fits(fits: dict[str, Any]) -> None:
+    if fits.get("kind") == "remask":
+        _print_quality(fits.get("quality") or {})
+        return
     table = Table(title="equation of state and Maxwell relations")
     for column in ("protocol", "quantity", "measured", "theory"):
         table.add_column(column)
@@ -605,6 +649,22 @@ def _print_fits(fits: dict[str, Any]) -> None:
     if table.row_count:
         out.print(table)
     out.print(f"regimes: {fits.get('regimes')}")
+
+
+def _print_quality(quality: dict[str, Any]) -> None:
+    if "skipped" in quality:
+        out.print(f"sample quality: skipped ({_escape(quality['skipped'])})")
+        return
+    table = Table(title=f"G-Star sample quality at {quality.get('diagram_steps')} steps, mean over seeds")
+    for column in ("tau", "validity", "distinct-2", "head AUROC"):
+        table.add_column(column)
+    for row in quality.get("by_noise", []):
+        table.add_row(f"{row['noise']:g}", *(f"{row[key]:.3f}" if row.get(key) is not None else "-" for key in ("validity", "distinct_2", "head_auroc")))
+    out.print(table)
+    best = quality.get("best") or {}
+    if best:
+        out.print(f"best setting: head lr {best['lr']:.3g}, wd {best['wd']:g}, tau {best['noise']:g}: validity {best['validity']:.3f} "
+                  f"over {best['seeds']} seed(s), {best.get('forward_passes', 0):.0f} passes per sample")
 
 
 def _escape(text: str) -> str:

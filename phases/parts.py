@@ -8,12 +8,13 @@ import numpy as np
 import pyarrow as pa
 
 from phases.grid import Chunk
-from phases.schema import PART_SCHEMA, TRAJECTORY
+from phases.schema import PART_SCHEMA, QUALITY, TRAJECTORY
 from phases.trials.base import ChunkResult
 
 
 def part_table(chunk: Chunk, result: ChunkResult) -> pa.Table:
-    """Build a chunk's part table: one row per point, its trajectory as a list of structs."""
+    """Build a chunk's part table: one row per point, its trajectory and its sample quality (one
+    entry per sampling step count; empty for kinds that do not sample) as lists of structs."""
     rows: list[dict[str, Any]] = []
     for point in chunk.points:
         summary = result.summaries[point.point_id]
@@ -22,7 +23,8 @@ def part_table(chunk: Chunk, result: ChunkResult) -> pa.Table:
         trajectory = [
             {c.name: _clean(columns[c.name][i]) if c.name in columns else None for c in TRAJECTORY} for i in range(length)
         ]
-        row = {**point.row(), **{k: _clean(v) for k, v in summary.items()}, "trajectory": trajectory}
+        quality = [{c.name: _clean(entry.get(c.name)) for c in QUALITY} for entry in result.samples.get(point.point_id, [])]
+        row = {**point.row(), **{k: _clean(v) for k, v in summary.items()}, "trajectory": trajectory, "sample_quality": quality}
         rows.append({field.name: row.get(field.name) for field in PART_SCHEMA})
     return pa.Table.from_pylist(rows, schema=PART_SCHEMA)
 

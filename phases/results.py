@@ -2,7 +2,9 @@
 
 Writes `trajectories.parquet` (sorted by point_id, step), `points.parquet` (one row per point:
 coordinates, stationary summary and thermodynamics), `diagram.parquet` (points + regimes, with the
-spec and versions in its metadata), `fits.json` and `plots/*.png`.
+spec and versions in its metadata), `fits.json` and `plots/*.png`. Kinds that sample (remask) add
+`samples.parquet`, one row per point and sampling step count, and get a sample-quality analysis
+instead of the thermodynamic one.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import yaml
 from analysis.diagram import build_phase_diagram, diagram_metadata
 from analysis.eos import closed_form_agreement, elr_collapse, fit_equation_of_state, maxwell_quadratic, maxwell_slopes
 from analysis.plots import write_plots
-from phases.schema import IDENTITY, PART_SCHEMA, POINTS_SCHEMA, TRAJECTORY_SCHEMA
+from analysis.quality import quality_summary, write_quality_plots
+from phases.schema import IDENTITY, PART_SCHEMA, POINTS_SCHEMA, SAMPLES_SCHEMA, TRAJECTORY_SCHEMA
 from phases.storage import SCHEMA_VERSION, SweepStore, part_name
 
 logger = logging.getLogger(__name__)
 
 
-def compact(store: SweepStore, chunk_ids: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Read the finished parts; return (trajectories, summaries) as polars frames.
+def compact(store: SweepStore, chunk_ids: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Read the finished parts; return (trajectories, summaries, samples) as polars frames.
 
     NOTE: parts are cast to the current PART_SCHEMA, so part files written by a version with other
     columns fail here; re-run such a sweep into a new directory.
@@ -41,14 +44,20 @@ def compact(store: SweepStore, chunk_ids: list[str]) -> tuple[pl.DataFrame, pl.D
     trajectories = (
         parts.select(identity + ["trajectory"]).explode("trajectory").unnest("trajectory").drop_nulls("step").sort(["point_id", "step"])
     )
-    summaries = parts.drop("trajectory").sort("point_id")
-    return trajectories, summaries
+    samples = (
+        parts.select(identity + ["sample_quality"]).explode("sample_quality").unnest("sample_quality")
+        .drop_nulls("sample_steps").sort(["point_id", "sample_steps"])
+    )
+    summaries = parts.drop("trajectory", "sample_quality").sort("point_id")
+    return trajectories, summaries, samples
 
 
 def analyse(
     store: SweepStore, summaries: pl.DataFrame, spec: dict[str, Any], version: str, trajectories: pl.DataFrame | None = None
 ) -> dict[str, Any]:
     """Run the analysis on the summaries (and trajectories) and write points, diagram, fits and plots."""
+    if spec.get("kind") == "remask":
+        return _analyse_quality(store, summaries, spec, version)
     diagram, extras = build_phase_diagram(summaries, trajectories, **(spec.get("analysis") or {}))
     diagram = _with_schema_columns(diagram)
     points = diagram.select([f.name for f in POINTS_SCHEMA])
@@ -79,6 +88,37 @@ def analyse(
     return fits
 
 
+def _analyse_quality(store: SweepStore, summaries: pl.DataFrame, spec: dict[str, Any], version: str) -> dict[str, Any]:
+    """The remask kind's analysis: no thermodynamics, a diagram of sample quality over lr x wd x tau.
+
+    A point whose head diverged gets regime `divergent`; the others have no regime (null).
+    """
+    diagram = _with_schema_columns(summaries.with_columns(
+        regime=pl.when(pl.col("diverged").fill_null(False)).then(pl.lit("divergent")).otherwise(pl.lit(None, dtype=pl.String))
+    ))
+    diagram = diagram.sort(["noise", "seed", "wd", "lr"], nulls_last=True)
+    points = diagram.select([f.name for f in POINTS_SCHEMA])
+    store.write_table("points.parquet", points.to_arrow().cast(POINTS_SCHEMA))
+    store.write_table("diagram.parquet", diagram.to_arrow(), diagram_metadata(spec, version, SCHEMA_VERSION))
+    samples = pl.from_arrow(store.read_table("samples.parquet")) if store.exists("samples.parquet") else None
+    fits = {
+        "schema_version": SCHEMA_VERSION,
+        "sweep": store.name,
+        "kind": "remask",
+        "n_points": diagram.height,
+        "n_diverged": int(diagram["diverged"].fill_null(False).sum()),
+        "quality": quality_summary(diagram, samples),
+    }
+    store.write_json("fits.json", fits)
+    if store.is_local:
+        write_quality_plots(diagram, samples, store.local_path("plots"))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_quality_plots(diagram, samples, tmp):
+                store.write_bytes(f"plots/{path.name}", path.read_bytes())
+    return fits
+
+
 def _fit_or_skip(fit, diagram: pl.DataFrame) -> dict[str, Any]:
     """Run one fit; a ValueError (no usable points) is recorded as {"skipped": reason}."""
     try:
@@ -104,8 +144,11 @@ def _write_plots(store: SweepStore, diagram: pl.DataFrame, fits: dict[str, Any])
             store.write_bytes(f"plots/{path.name}", path.read_bytes())
 
 
-def write_tables(store: SweepStore, trajectories: pl.DataFrame) -> None:
+def write_tables(store: SweepStore, trajectories: pl.DataFrame, samples: pl.DataFrame | None = None) -> None:
+    """Write trajectories.parquet, and samples.parquet when the kind drew samples."""
     store.write_table("trajectories.parquet", trajectories.to_arrow().cast(TRAJECTORY_SCHEMA))
+    if samples is not None and samples.height:
+        store.write_table("samples.parquet", samples.to_arrow().cast(SAMPLES_SCHEMA))
 
 
 @dataclass

@@ -21,11 +21,11 @@ class Column:
 
 IDENTITY = (
     Column("point_id", pa.string(), "-", "stable hash of the point's settings and coordinates"),
-    Column("kind", pa.string(), "-", "trial kind: isotropic or scale_invariant"),
-    Column("protocol", pa.string(), "-", "sphere, elr or lr"),
-    Column("lr", pa.float64(), "1/step", "effective LR elr for sphere and elr; the plain SGD step for lr"),
-    Column("wd", pa.float64(), "1/step", "weight decay lambda (coupled L2); 0 for sphere"),
-    Column("noise", pa.float64(), "loss units", "gradient-noise scale sigma at unit radius"),
+    Column("kind", pa.string(), "-", "trial kind: isotropic, scale_invariant or remask"),
+    Column("protocol", pa.string(), "-", "sphere, elr or lr; adamw for remask"),
+    Column("lr", pa.float64(), "1/step", "effective LR elr for sphere and elr; the plain SGD step for lr; the head's AdamW lr for remask"),
+    Column("wd", pa.float64(), "1/step", "weight decay lambda (coupled L2); 0 for sphere; AdamW's decoupled weight decay for remask"),
+    Column("noise", pa.float64(), "loss units", "gradient-noise scale sigma at unit radius; for remask the G-Star temperature tau (no unit)"),
     Column("radius", pa.float64(), "-", "fixed norm ||w|| under sphere; null otherwise"),
     Column("batch_size", pa.int64(), "samples", "minibatch size; null where the kind has none"),
     Column("seed", pa.int64(), "-", "seed coordinate of the point"),
@@ -86,6 +86,33 @@ SUMMARY = (
     Column("test_acc", pa.float64(), "fraction", "mean held-out accuracy over the window; null where the kind has no test set"),
 )
 
+# Sample quality, one row per sampling step count: the columns of samples.parquet after IDENTITY,
+# and the quality columns of points.parquet at the spec's diagram step count.
+QUALITY = (
+    Column("sample_steps", pa.int64(), "steps", "sampling steps of the G-Star sampler"),
+    Column("samples", pa.int64(), "sequences", "samples drawn for the metrics"),
+    Column("validity", pa.float64(), "fraction", "samples that `ast.parse` accepts as one complete statement (code corpus)"),
+    Column("reference_perplexity", pa.float64(), "-", "exp of the reference model's mean NLL per character of the samples; null without a reference model"),
+    Column("distinct_1", pa.float64(), "fraction", "distinct words over all words of the samples"),
+    Column("distinct_2", pa.float64(), "fraction", "distinct word bigrams over all bigrams"),
+    Column("distinct_3", pa.float64(), "fraction", "distinct word trigrams over all trigrams"),
+    Column("unigram_entropy", pa.float64(), "nats", "entropy of the samples' word frequencies"),
+    Column("mean_length", pa.float64(), "characters", "mean sample length up to the first padding token"),
+    Column("denoiser_passes", pa.int64(), "passes", "denoiser forward passes per sample"),
+    Column("head_passes", pa.int64(), "passes", "backbone passes for the remasking head per sample"),
+    Column("forward_passes", pa.int64(), "passes", "denoiser_passes + head_passes"),
+)
+
+# The remasking head's own measurements (remask kind), on proposals from held-out sequences.
+HEAD = (
+    Column("head_bce", pa.float64(), "nats", "binary cross-entropy of the head's error logits"),
+    Column("head_auroc", pa.float64(), "-", "area under the ROC curve of the error logits; 0.5 is chance"),
+    Column("head_f1", pa.float64(), "fraction", "F1 of the errors flagged at logit > 0"),
+    Column("head_base_rate", pa.float64(), "fraction", "fraction of proposal tokens that are wrong"),
+    Column("head_f1_all", pa.float64(), "fraction", "F1 of flagging every token, 2 p / (1 + p) at base rate p"),
+    Column("head_train_loss", pa.float64(), "nats", "mean training BCE over the last tenth of the fine-tuning steps"),
+)
+
 THERMO = (
     Column("T", pa.float64(), "loss units", "temperature: elr sigma^2 / 2 (sphere, elr); sqrt(lr wd sigma^2 / (2 (d - 1))) (lr)"),
     Column("p", pa.float64(), "1/step", "pressure: wd (elr, lr); measured lambda_eff (sphere)"),
@@ -113,8 +140,10 @@ THERMO = (
 )
 
 TRAJECTORY_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in IDENTITY + TRAJECTORY])
-POINTS_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in IDENTITY + SUMMARY + THERMO])
+SAMPLES_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in IDENTITY + QUALITY])
+POINTS_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in IDENTITY + SUMMARY + HEAD + QUALITY + THERMO])
 PART_SCHEMA = pa.schema(
-    [pa.field(c.name, c.type) for c in IDENTITY + SUMMARY]
+    [pa.field(c.name, c.type) for c in IDENTITY + SUMMARY + HEAD + QUALITY]
     + [pa.field("trajectory", pa.list_(pa.struct([pa.field(c.name, c.type) for c in TRAJECTORY])))]
+    + [pa.field("sample_quality", pa.list_(pa.struct([pa.field(c.name, c.type) for c in QUALITY])))]
 )

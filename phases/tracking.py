@@ -25,10 +25,16 @@ logger = logging.getLogger(__name__)
 
 EXPERIMENT = "phases"
 DEFAULT_CHILD_LIMIT = 1000
-ARTIFACT_FILES = ("spec.yaml", "sweep.json", "fits.json", "failures.json", "points.parquet", "diagram.parquet", "trajectories.parquet")
+ARTIFACT_FILES = (
+    "spec.yaml", "sweep.json", "fits.json", "failures.json", "points.parquet", "diagram.parquet", "trajectories.parquet",
+    "samples.parquet",
+)
 CHILD_METRICS = (
     "U", "U_std", "U_sem", "r", "r2", "T", "p", "V", "S", "S_direction", "elr_mean", "lambda_eff",
     "eos_ratio", "eos_ratio_discrete", "grad_norm2", "sigma2",
+    # remask: the head's evaluation and the sample quality at the diagram's step count
+    "head_bce", "head_auroc", "head_f1", "head_base_rate", "head_train_loss", "validity", "reference_perplexity",
+    "distinct_1", "distinct_2", "distinct_3", "unigram_entropy", "forward_passes",
 )
 CHILD_PARAMS = ("protocol", "lr", "wd", "noise", "radius", "batch_size", "seed")
 # MLflow's log_batch accepts at most 1000 metrics and 100 params per call.
@@ -205,7 +211,10 @@ def _existing_children(client, experiment_id: str, parent_id: str) -> set[str]:
 def _point_children(points: pl.DataFrame):
     for row in points.iter_rows(named=True):
         params = {k: row[k] for k in CHILD_PARAMS if row.get(k) is not None}
-        params["regime"] = row.get("regime")
+        if row.get("regime") is not None:
+            params["regime"] = row["regime"]
+        if row.get("sample_steps") is not None:
+            params["sample_steps"] = row["sample_steps"]
         metrics = {k: float(row[k]) for k in CHILD_METRICS if _finite(row.get(k))}
         metrics["stationary"] = float(bool(row.get("stationary")))
         metrics["diverged"] = float(bool(row.get("diverged")))
@@ -257,6 +266,9 @@ def _flatten_fits(fits: dict[str, Any]) -> dict[str, float]:
 
     for section in ("equation_of_state", "maxwell", "closed_forms"):
         walk(section, fits.get(section, {}))
+    quality = fits.get("quality") or {}
+    for section in ("best", "head_auroc"):
+        walk(f"quality.{section}", quality.get(section) or {})
     for key in ("n_points", "n_stationary", "n_diverged"):
         if key in fits:
             out[key] = float(fits[key])

@@ -62,18 +62,34 @@ class HeadMetrics:
 
 def evaluate_head(model: MaskedDiffusionLM, head: RemaskHead, x0: torch.Tensor, generator: torch.Generator, batch: int = 256) -> HeadMetrics:
     """BCE, AUROC and F1 of the head on proposals drawn from held-out sequences x0."""
-    from sklearn.metrics import f1_score, roc_auc_score
+    return evaluate_heads(model, [head], x0, generator, batch)[0]
 
-    logits, labels = [], []
+
+def evaluate_heads(
+    model: MaskedDiffusionLM, heads: list[RemaskHead], x0: torch.Tensor, generator: torch.Generator, batch: int = 256
+) -> list[HeadMetrics]:
+    """Evaluate several heads on the same proposals (one backbone pass per batch serves them all)."""
+    logits: list[list[torch.Tensor]] = [[] for _ in heads]
+    labels = []
     with torch.no_grad():
         for start in range(0, len(x0), batch):
             _, proposal, label = proposals(model, x0[start : start + batch], generator)
-            logits.append(head(model.net.hidden(proposal)).flatten())
+            hidden = model.net.hidden(proposal)
+            for scores, head in zip(logits, heads):
+                scores.append(head(hidden).flatten())
             labels.append(label.flatten())
-    score, truth = torch.cat(logits), torch.cat(labels).float()
-    bce = float(F.binary_cross_entropy_with_logits(score, truth))
+    truth = torch.cat(labels).float()
+    return [_head_metrics(torch.cat(scores), truth) for scores in logits]
+
+
+def _head_metrics(score: torch.Tensor, truth: torch.Tensor) -> HeadMetrics:
+    from sklearn.metrics import f1_score, roc_auc_score
+
     y, s = truth.numpy().astype(int), score.numpy()
     base = float(y.mean())
+    if not np.isfinite(s).all():
+        return HeadMetrics(float("nan"), float("nan"), float("nan"), base, 2 * base / (1 + base) if base > 0 else 0.0)
+    bce = float(F.binary_cross_entropy_with_logits(score, truth))
     auroc = float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
     f1 = float(f1_score(y, (s > 0).astype(int), zero_division=0.0))
     return HeadMetrics(bce, auroc, f1, base, 2 * base / (1 + base) if base > 0 else 0.0)
@@ -84,26 +100,48 @@ def train_head(
     progress=None,
 ) -> tuple[RemaskHead, list[float]]:
     """Fine-tune a fresh head on the frozen denoiser with AdamW(lr, wd); return it and its losses."""
+    heads, losses = train_heads(model, x0, [(lr, wd)], steps=steps, seed=seed, batch=batch, progress=progress)
+    return heads[0], losses[0]
+
+
+def train_heads(
+    model: MaskedDiffusionLM, x0: torch.Tensor, settings: list[tuple[float, float]], *, steps: int, seed: int,
+    batch: int = 64, progress=None,
+) -> tuple[list[RemaskHead], list[list[float]]]:
+    """Fine-tune one fresh head per (lr, wd) on the same stream of batches; return the heads and
+    each one's losses per step.
+
+    The batches and proposals depend only on `seed`, so a head's result does not depend on which
+    other settings train next to it; the backbone passes are shared. A head whose loss becomes
+    non-finite stops there: its loss list ends with that value (a diverging fine-tune is data).
+    """
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    head = RemaskHead(model.config.dim)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
-    losses = []
+    heads, optimizers = [], []
+    for lr, wd in settings:
+        torch.manual_seed(seed)
+        head = RemaskHead(model.config.dim)
+        heads.append(head)
+        optimizers.append(torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd))
+    losses: list[list[float]] = [[] for _ in settings]
     for step in range(steps):
+        if all(history and not np.isfinite(history[-1]) for history in losses):
+            break
         index = torch.randint(len(x0), (batch,), generator=generator)
         _, proposal, label = proposals(model, x0[index], generator)
         with torch.no_grad():
             hidden = model.net.hidden(proposal)
-        loss = F.binary_cross_entropy_with_logits(head(hidden), label.float())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if not np.isfinite(losses[-1]):
-            break  # a diverging fine-tune is reported through its metrics, not raised
+        target = label.float()
+        for head, optimizer, history in zip(heads, optimizers, losses):
+            if history and not np.isfinite(history[-1]):
+                continue
+            loss = F.binary_cross_entropy_with_logits(head(hidden), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append(float(loss.detach()))
         if progress is not None and (step + 1) % max(1, steps // 5) == 0:
-            progress(step + 1, float(np.mean(losses[-20:])))
-    return head, losses
+            progress(step + 1, float(np.mean([np.mean(history[-20:]) for history in losses])))
+    return heads, losses
 
 
 def save_head(head: RemaskHead, path, metrics: dict[str, float] | None = None) -> None:

@@ -23,7 +23,7 @@ from phases.diffusion.model import AutoregressiveLM, MaskedDiffusionLM, ModelCon
 class TrainSettings:
     """Optimisation settings of a pretraining run."""
 
-    steps: int = 3000
+    steps: int = 2200
     batch: int = 64
     lr: float = 2e-3
     seed: int = 0

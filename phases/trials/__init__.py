@@ -5,8 +5,9 @@ from __future__ import annotations
 from phases.trials.base import ChunkResult, TrialContext, TrialKind
 from phases.trials.isotropic import IsotropicKind
 from phases.trials.network import NetworkKind
+from phases.trials.remask import RemaskKind
 
-_KINDS: dict[str, TrialKind] = {kind.name: kind for kind in (IsotropicKind(), NetworkKind())}
+_KINDS: dict[str, TrialKind] = {kind.name: kind for kind in (IsotropicKind(), NetworkKind(), RemaskKind())}
 
 __all__ = ["ChunkResult", "TrialContext", "TrialKind", "get_kind", "kind_names"]
 

@@ -250,6 +250,16 @@ def test_mdm_commands_pretrain_and_sample(tmp_path):
     assert result.exit_code == 0, result.output
     assert [row["steps"] for row in json.loads((tmp_path / "compare.json").read_text())] == [2, 4]  # gstar left out: no head
     assert "| mdlm | 4 |" in (tmp_path / "compare.md").read_text()
+    result = runner.invoke(app, ["mdm", "train-head", "--checkpoint", str(tmp_path / "d.pt"), "--steps", "5", "--batch", "8",
+                                 "--out", str(tmp_path / "h.pt")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert 0.0 <= report["auroc"] <= 1.0
+    assert report["base_rate"] > 0
+    result = runner.invoke(app, ["mdm", "sample", "--checkpoint", str(tmp_path / "d.pt"), "--head", str(tmp_path / "h.pt"),
+                                 "--sampler", "gstar", "--steps", "4", "--count", "4", "--show", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["head_passes"] == 1  # of t = 1, 0.75, 0.5, 0.25, only 0.25 <= t_on = 0.3
     result = runner.invoke(app, ["mdm", "sample", "--checkpoint", str(tmp_path / "r.pt")])
     assert result.exit_code == 2
     assert "contains a 'reference' model, but a 'denoiser' model is needed" in " ".join(result.output.split())

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from phases import load_sweep, run_sweep
 from phases.cli import app
-from phases.schema import POINTS_SCHEMA, TRAJECTORY_SCHEMA
+from phases.schema import POINTS_SCHEMA, SAMPLES_SCHEMA, TRAJECTORY_SCHEMA
 from phases.spec import load
 from phases.sweep import SweepError, plan_sweep
 from tests.conftest import REPO, SMOKE_SPEC
@@ -60,14 +60,14 @@ def test_parquet_schema_read_back(smoke):
     assert trajectories["test_acc"].null_count() == trajectories.height  # no test set: null, not 0
 
     meta = pq.read_schema(sweep_dir / "diagram.parquet").metadata
-    assert meta[b"phases.schema_version"] == b"2"
+    assert meta[b"phases.schema_version"] == b"3"
     assert yaml.safe_load(meta[b"phases.spec"])["name"] == "ideal_gas_smoke"
 
 
 def test_schema_doc_lists_every_column():
     text = (REPO / "docs" / "schema.md").read_text()
     documented = set(re.findall(r"^\| `([A-Za-z_0-9]+)` \|", text, flags=re.MULTILINE))
-    assert set(POINTS_SCHEMA.names) | set(TRAJECTORY_SCHEMA.names) <= documented
+    assert set(POINTS_SCHEMA.names) | set(TRAJECTORY_SCHEMA.names) | set(SAMPLES_SCHEMA.names) <= documented
 
 
 def test_smoke_fits_match_ideal_gas(smoke):
