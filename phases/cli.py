@@ -435,6 +435,7 @@ def mdm_train_head(
     steps: Annotated[int, typer.Option(min=1, help="AdamW steps.")] = 600,
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-2,
     wd: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay (decoupled).")] = 0.0,
+    blocks: Annotated[int, typer.Option(min=0, help="Denoiser blocks the head copies and fine-tunes (0: read the frozen denoiser's last hidden states).")] = 0,
     batch: BatchOption = 64,
     seed: SeedOption = 0,
     output: Annotated[Path, typer.Option("--out", help="Head checkpoint to write.")] = Path("runs/mdm/head.pt"),
@@ -451,13 +452,15 @@ def mdm_train_head(
         torch.set_num_threads(threads)
     try:
         model, _ = load_checkpoint(checkpoint, "denoiser")
+        if blocks > model.config.layers:
+            raise ValueError(f"--blocks {blocks} is more than the denoiser's {model.config.layers} layers; use 0 to {model.config.layers}")
     except ValueError as exc:
         console.print(f"[red]error:[/] {_escape(str(exc))}")
         raise typer.Exit(2) from None
     corpus = load_corpus(model.config.corpus, model.config.length)
     train, valid = encode(corpus.train, model.config.length), encode(corpus.valid, model.config.length)
-    console.print(f"head: {steps} steps of batch {batch}, lr {lr:g}, wd {wd:g}, on {checkpoint}")
-    head, losses = train_head(model, train, steps=steps, lr=lr, wd=wd, seed=seed, batch=batch,
+    console.print(f"head with {blocks} copied blocks: {steps} steps of batch {batch}, lr {lr:g}, wd {wd:g}, on {checkpoint}")
+    head, losses = train_head(model, train, steps=steps, lr=lr, wd=wd, seed=seed, batch=batch, blocks=blocks,
                               progress=lambda step, loss: console.print(f"step {step}/{steps}: BCE {loss:.4f}"))
     metrics = evaluate_head(model, head, valid, torch.Generator().manual_seed(seed + 1))
     report = {"bce": metrics.bce, "auroc": metrics.auroc, "f1": metrics.f1, "base_rate": metrics.base_rate,
@@ -497,7 +500,7 @@ def mdm_sample(
     try:
         settings = SamplerSettings(sampler, steps, schedule, t_on, remdm_mode, eta, tau)
         model, _ = load_checkpoint(checkpoint, "denoiser")
-        remask_head = load_head(head, model.config.dim) if head is not None else None
+        remask_head = load_head(head, model) if head is not None else None
         reference_path = reference or (Path("runs/mdm/reference.pt") if Path("runs/mdm/reference.pt").is_file() else None)
         scorer = load_checkpoint(reference_path, "reference")[0] if reference_path is not None else None
         result = sample(model, settings, count, model.config.length, head=remask_head, generator=torch.Generator().manual_seed(seed))
@@ -535,7 +538,7 @@ def mdm_compare(
     try:
         model, _ = load_checkpoint(checkpoint, "denoiser")
         scorer = load_checkpoint(reference, "reference")[0] if reference is not None else None
-        remask_head = load_head(head, model.config.dim) if head is not None else None
+        remask_head = load_head(head, model) if head is not None else None
         names = [name.strip() for name in samplers.split(",") if name.strip()]
         if "gstar" in names and remask_head is None:
             console.print("[yellow]warning:[/] no --head given, so gstar is left out")

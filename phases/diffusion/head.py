@@ -14,7 +14,7 @@ predictor that flags every position has F1 = 2 p / (1 + p) at base rate p, and c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -22,23 +22,63 @@ import torch.nn.functional as F
 from torch import nn
 
 from phases.data.corpus import MASK
-from phases.diffusion.model import CHECKPOINT_FORMAT, EPS, MaskedDiffusionLM, load_state, mask_fraction, read_checkpoint
+from phases.diffusion.model import (
+    CHECKPOINT_FORMAT, EPS, MaskedDiffusionLM, ModelConfig, Transformer, load_state, mask_fraction, read_checkpoint,
+)
 from phases.diffusion.samplers import draw_tokens
 
 
 class RemaskHead(nn.Module):
-    """LayerNorm + Linear(dim -> 1): error logits (N, L) from hidden states (N, L, dim)."""
+    """LayerNorm + Linear(dim -> 1): error logits (N, L) for a proposal.
 
-    def __init__(self, dim: int):
+    With `blocks` = 0 the head reads the frozen denoiser's last hidden states of the proposal, so a
+    guided step costs one more backbone pass. With `blocks` = n > 0 it also owns a trainable copy
+    of the denoiser's token and position embeddings and its first n blocks, made by
+    `from_denoiser`. It then reads the proposal's tokens itself, and a guided step costs n / layers
+    of a backbone pass.
+    """
+
+    def __init__(self, dim: int, blocks: int = 0, config: ModelConfig | None = None):
         super().__init__()
+        if blocks and config is None:
+            raise ValueError("a head with copied blocks needs the denoiser's config")
         self.dim = dim
+        self.blocks = blocks
+        if blocks:
+            trunk = Transformer(replace(config, layers=blocks))
+            self.embed, self.position, self.layers = trunk.embed, trunk.position, trunk.blocks
         self.norm = nn.LayerNorm(dim)
         self.linear = nn.Linear(dim, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
+    @classmethod
+    def from_denoiser(cls, model: MaskedDiffusionLM, blocks: int = 0) -> "RemaskHead":
+        """Build a fresh head for `model`, copying its embeddings and first `blocks` blocks."""
+        if not 0 <= blocks <= model.config.layers:
+            raise ValueError(f"head blocks must be between 0 and the denoiser's {model.config.layers} layers, got {blocks}")
+        head = cls(model.config.dim, blocks, model.config)
+        if blocks:
+            head.embed.load_state_dict(model.net.embed.state_dict())
+            head.position.data.copy_(model.net.position.data)
+            for copy, original in zip(head.layers.layers, model.net.blocks.layers):
+                copy.load_state_dict(original.state_dict())
+        return head.to(next(model.parameters()).device)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(hidden)).squeeze(-1)
+
+    def features(self, model: MaskedDiffusionLM, proposal: torch.Tensor) -> torch.Tensor:
+        """Return what the head reads for a proposal: the backbone's hidden states (no gradient),
+        or the output of its own copied blocks."""
+        if not self.blocks:
+            with torch.no_grad():
+                return model.net.hidden(proposal)
+        return self.layers(self.embed(proposal) + self.position[:, : proposal.shape[1]])
+
+    def scores(self, model: MaskedDiffusionLM, proposal: torch.Tensor) -> torch.Tensor:
+        """Return the error logits (N, L) of a proposal."""
+        return self(self.features(model, proposal))
 
 
 @torch.no_grad()
@@ -74,9 +114,10 @@ def evaluate_heads(
     with torch.no_grad():
         for start in range(0, len(x0), batch):
             _, proposal, label = proposals(model, x0[start : start + batch], generator)
-            hidden = model.net.hidden(proposal)
+            hidden = model.net.hidden(proposal) if any(not head.blocks for head in heads) else None
             for scores, head in zip(logits, heads):
-                scores.append(head(hidden).flatten())
+                features = hidden if not head.blocks else head.features(model, proposal)
+                scores.append(head(features).flatten())
             labels.append(label.flatten())
     truth = torch.cat(labels).float()
     return [_head_metrics(torch.cat(scores), truth) for scores in logits]
@@ -97,29 +138,31 @@ def _head_metrics(score: torch.Tensor, truth: torch.Tensor) -> HeadMetrics:
 
 def train_head(
     model: MaskedDiffusionLM, x0: torch.Tensor, *, steps: int, lr: float, wd: float, seed: int, batch: int = 64,
-    progress=None,
+    blocks: int = 0, progress=None,
 ) -> tuple[RemaskHead, list[float]]:
-    """Fine-tune a fresh head on the frozen denoiser with AdamW(lr, wd); return it and its losses."""
-    heads, losses = train_heads(model, x0, [(lr, wd)], steps=steps, seed=seed, batch=batch, progress=progress)
+    """Fine-tune a fresh head (with `blocks` copied blocks) on the frozen denoiser with AdamW(lr, wd);
+    return it and its losses."""
+    heads, losses = train_heads(model, x0, [(lr, wd)], steps=steps, seed=seed, batch=batch, blocks=blocks, progress=progress)
     return heads[0], losses[0]
 
 
 def train_heads(
     model: MaskedDiffusionLM, x0: torch.Tensor, settings: list[tuple[float, float]], *, steps: int, seed: int,
-    batch: int = 64, progress=None,
+    batch: int = 64, blocks: int = 0, progress=None,
 ) -> tuple[list[RemaskHead], list[list[float]]]:
     """Fine-tune one fresh head per (lr, wd) on the same stream of batches; return the heads and
     each one's losses per step.
 
     The batches and proposals depend only on `seed`, so a head's result does not depend on which
-    other settings train next to it; the backbone passes are shared. A head whose loss becomes
-    non-finite stops there: its loss list ends with that value (a diverging fine-tune is data).
+    other settings train next to it. Heads without copied blocks share one frozen backbone pass per
+    batch. A head whose loss becomes non-finite stops there: its loss list ends with that value (a
+    diverging fine-tune is data).
     """
     generator = torch.Generator().manual_seed(seed)
     heads, optimizers = [], []
     for lr, wd in settings:
         torch.manual_seed(seed)
-        head = RemaskHead(model.config.dim)
+        head = RemaskHead.from_denoiser(model, blocks).train()
         heads.append(head)
         optimizers.append(torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd))
     losses: list[list[float]] = [[] for _ in settings]
@@ -128,13 +171,13 @@ def train_heads(
             break
         index = torch.randint(len(x0), (batch,), generator=generator)
         _, proposal, label = proposals(model, x0[index], generator)
-        with torch.no_grad():
-            hidden = model.net.hidden(proposal)
+        hidden = None if blocks else heads[0].features(model, proposal)  # frozen features, shared
         target = label.float()
         for head, optimizer, history in zip(heads, optimizers, losses):
             if history and not np.isfinite(history[-1]):
                 continue
-            loss = F.binary_cross_entropy_with_logits(head(hidden), target)
+            features = hidden if hidden is not None else head.features(model, proposal)
+            loss = F.binary_cross_entropy_with_logits(head(features), target)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -150,16 +193,21 @@ def save_head(head: RemaskHead, path, metrics: dict[str, float] | None = None) -
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": CHECKPOINT_FORMAT, "kind": "head", "config": {"dim": head.dim},
+    config = {"dim": head.dim, "blocks": head.blocks}
+    state = {"format": CHECKPOINT_FORMAT, "kind": "head", "config": config,
              "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "metrics": dict(metrics or {})}
     torch.save(state, path)
 
 
-def load_head(path, dim: int) -> RemaskHead:
-    """Load a head for a denoiser of width `dim`; raises ValueError for an unusable file or width."""
+def load_head(path, model: MaskedDiffusionLM) -> RemaskHead:
+    """Load a head for the denoiser `model`; raises ValueError for an unusable file or a head
+    trained on a denoiser of another width or depth."""
     state = read_checkpoint(path, "head")
-    if state["config"].get("dim") != dim:
-        raise ValueError(f"head {path} was trained on a denoiser of width {state['config'].get('dim')}, not {dim}; train it on this denoiser")
-    head = RemaskHead(dim)
+    dim, blocks = state["config"].get("dim"), int(state["config"].get("blocks", 0))
+    if dim != model.config.dim:
+        raise ValueError(f"head {path} was trained on a denoiser of width {dim}, not {model.config.dim}; train it on this denoiser")
+    if blocks > model.config.layers:
+        raise ValueError(f"head {path} has {blocks} copied blocks, more than this denoiser's {model.config.layers}; train it on this denoiser")
+    head = RemaskHead(dim, blocks, model.config)
     load_state(head, state, path)
-    return head.eval()
+    return head.to(next(model.parameters()).device).eval()

@@ -191,7 +191,7 @@ def sample(
                 scores = None
                 if settings.sampler == "gstar":
                     def scores(proposal: torch.Tensor) -> torch.Tensor:
-                        return head(model.net.hidden(proposal))
+                        return head.scores(model, proposal)
                     heads += 1
                 x, _ = star_step(x, log_p, m_s, generator, scores, settings.tau, settings.exact_count)
         if (x == MASK).any():

@@ -55,6 +55,7 @@ class RemaskParams(BaseModel):
     heads: int = Field(4, ge=1, description="attention heads of a model built here")
     pretrain_steps: int = Field(2200, ge=1, description="optimiser steps of a denoiser built here")
     reference_steps: int = Field(1200, ge=1, description="optimiser steps of a reference model built here")
+    head_blocks: int = Field(0, ge=0, description="denoiser blocks the head copies and fine-tunes; 0: it reads the frozen last hidden states")
     batch: int = Field(64, ge=1, description="sequences per head fine-tuning step")
     eval_sequences: int = Field(512, ge=16, description="held-out sequences for the head's AUROC and F1")
     sample_steps: list[int] = Field([8, 16], min_length=1, description="G-Star step counts at which each point samples")
@@ -90,6 +91,8 @@ class RemaskParams(BaseModel):
     def _consistent(self) -> "RemaskParams":
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be a multiple of heads {self.heads}")
+        if self.head_blocks > self.layers:
+            raise ValueError(f"head_blocks {self.head_blocks} is more than layers {self.layers}; use 0 to {self.layers}")
         if self.diagram_steps is not None and self.diagram_steps not in self.sample_steps:
             raise ValueError(f"diagram_steps {self.diagram_steps} is not one of sample_steps {self.sample_steps}; add it there or leave it null")
         return self
@@ -124,6 +127,9 @@ class RemaskKind(TrialKind):
 
                 model, _ = load_checkpoint(path, role)
                 configs[role] = model.config
+                if role == "denoiser" and params.head_blocks > model.config.layers:
+                    raise ValueError(f"head_blocks {params.head_blocks} is more than the {model.config.layers} layers of {path}; "
+                                     f"use 0 to {model.config.layers}")
             elif not params.build_missing:
                 command = "phases mdm pretrain" if role == "denoiser" else "phases mdm pretrain-reference"
                 raise ValueError(f"{role} checkpoint {path} not found; create it with `{command} --out {path}` "
@@ -186,7 +192,7 @@ class RemaskKind(TrialKind):
                 continue
             started = time.perf_counter()
             settings = sorted({(point.coords["lr"], point.coords["wd"]) for point in members})
-            heads, losses = train_heads(model, train, settings, steps=chunk.steps, seed=seed, batch=params.batch)
+            heads, losses = train_heads(model, train, settings, steps=chunk.steps, seed=seed, batch=params.batch, blocks=params.head_blocks)
             live = [i for i, history in enumerate(losses) if history and np.isfinite(history[-1])]
             generator = torch.Generator(device=device).manual_seed(seed + 1)
             head_metrics = dict(zip(live, evaluate_heads(model, [heads[i] for i in live], valid, generator)))
@@ -228,11 +234,19 @@ class RemaskKind(TrialKind):
         params = self.validate_params(spec.params)
         flops_per_token = 24 * params.layers * params.dim**2
         per_sequence = flops_per_token * params.length / FLOPS_PER_CORE
+        # A guided step's head pass is one backbone pass, or head_blocks / layers of one.
+        head_pass = params.head_blocks / params.layers if params.head_blocks else 1.0
         total = 0.0
         for chunk in chunks:
-            seeds = {point.coords["seed"] for point in chunk.points}
-            total += len(seeds) * (2 * chunk.steps * params.batch + 2 * params.eval_sequences) * per_sequence
-            passes = sum(steps * (1 + params.t_on) + 1 for steps in params.sample_steps)
+            seeds = len({point.coords["seed"] for point in chunk.points})
+            heads = len({(point.coords["seed"], point.coords["lr"], point.coords["wd"]) for point in chunk.points})
+            if params.head_blocks:
+                feature_passes = heads * 3 * head_pass  # forward and backward through each head's copied blocks
+            else:
+                feature_passes = seeds  # one frozen backbone pass per batch, shared by the seed's heads
+            total += chunk.steps * params.batch * (seeds + feature_passes) * per_sequence  # seeds: the proposals' passes
+            total += 2 * seeds * params.eval_sequences * per_sequence
+            passes = sum(steps * (1 + params.t_on * head_pass) + 1 for steps in params.sample_steps)
             total += len(chunk.points) * params.samples * passes * per_sequence
         return total
 

@@ -221,9 +221,47 @@ def test_head_training_and_checkpoint(tiny, tmp_path):
     assert metrics.f1_all_positive == pytest.approx(2 * metrics.base_rate / (1 + metrics.base_rate))
     save_head(head, tmp_path / "head.pt", {"auroc": metrics.auroc})
     hidden = torch.randn(2, 16, 32)
-    assert torch.equal(load_head(tmp_path / "head.pt", 32)(hidden), head(hidden))
+    assert torch.equal(load_head(tmp_path / "head.pt", tiny)(hidden), head(hidden))
+    wider = MaskedDiffusionLM(ModelConfig(length=16, dim=64, layers=1, heads=2))
     with pytest.raises(ValueError, match="was trained on a denoiser of width 32, not 64"):
-        load_head(tmp_path / "head.pt", 64)
+        load_head(tmp_path / "head.pt", wider)
+
+
+def test_head_with_copied_blocks(tmp_path):
+    # A head that owns a copy of the denoiser's first block starts from the denoiser's weights,
+    # learns while the denoiser stays frozen, and round-trips through its checkpoint.
+    from phases.diffusion.head import RemaskHead, load_head, save_head, train_head
+
+    torch.manual_seed(0)
+    model = MaskedDiffusionLM(ModelConfig(length=16, dim=32, layers=2, heads=2)).eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    fresh = RemaskHead.from_denoiser(model, blocks=1)
+    first_block = model.net.blocks.layers[0].state_dict()
+    for name, value in fresh.layers.layers[0].state_dict().items():
+        assert torch.equal(value, first_block[name]), name
+    assert torch.equal(fresh.embed.weight, model.net.embed.weight)
+    assert len(fresh.layers.layers) == 1
+
+    x0 = torch.randint(2, VOCAB_SIZE, (128, 16))
+    head, losses = train_head(model, x0, steps=60, lr=3e-3, wd=0.0, seed=0, batch=32, blocks=1)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert not torch.equal(head.layers.layers[0].linear1.weight, model.net.blocks.layers[0].linear1.weight)
+
+    save_head(head, tmp_path / "head.pt")
+    proposal = torch.randint(2, VOCAB_SIZE, (3, 16))
+    loaded = load_head(tmp_path / "head.pt", model)
+    assert loaded.blocks == 1
+    assert torch.allclose(loaded.scores(model, proposal), head.eval().scores(model, proposal))
+    result = sample(model, SamplerSettings("gstar", steps=4), 5, 16, head=loaded, generator=torch.Generator().manual_seed(0))
+    assert result.head_passes == 1
+    with pytest.raises(ValueError, match="head blocks must be between 0 and the denoiser's 2 layers, got 3"):
+        RemaskHead.from_denoiser(model, blocks=3)
+    shallow = MaskedDiffusionLM(ModelConfig(length=16, dim=32, layers=1, heads=2))
+    save_head(RemaskHead.from_denoiser(model, blocks=2), tmp_path / "deep.pt")
+    with pytest.raises(ValueError, match="has 2 copied blocks, more than this denoiser's 1"):
+        load_head(tmp_path / "deep.pt", shallow)
 
 
 def test_mdm_commands_pretrain_and_sample(tmp_path):

@@ -78,6 +78,16 @@ def test_shared_heads_and_chunking(models, tmp_path):
         assert row["reference_perplexity"] > 1.0
 
 
+def test_head_with_copied_block_samples(models, tmp_path):
+    spec = _spec(models, {"lr": [3e-3], "noise": [1.0]}, head_blocks=1)
+    store = _store_with_base(models, tmp_path)
+    part = chunk(expand(spec), 4)[0]
+    result = KIND.run(part, TrialContext(spec, store=store))
+    summary = result.summaries[part.points[0].point_id]
+    assert 0.0 <= summary["head_auroc"] <= 1.0
+    assert summary["head_passes"] == _head_passes(4)
+
+
 def test_retried_trial_resumes_after_its_last_finished_seed(models, tmp_path):
     spec = _spec(models, {"lr": [1e-2], "noise": [1.0], "seed": [0, 1]})
     store = _store_with_base(models, tmp_path)
@@ -158,6 +168,8 @@ def test_bad_remask_specs_fail_before_any_work(models, tmp_path):
         _spec(models, {"lr": [1e-2], "radius": [1.0]})
     with pytest.raises(SpecError, match=r"diagram_steps 16 is not one of sample_steps"):
         _spec(models, axes, diagram_steps=16)
+    with pytest.raises(SpecError, match=r"head_blocks 2 is more than layers 1"):
+        _spec(models, axes, head_blocks=2)
 
     from phases.sweep import plan_sweep
 
