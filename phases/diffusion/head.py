@@ -158,7 +158,7 @@ def train_heads(
     batch. A head whose loss becomes non-finite stops there: its loss list ends with that value (a
     diverging fine-tune is data).
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=x0.device).manual_seed(seed)
     heads, optimizers = [], []
     for lr, wd in settings:
         torch.manual_seed(seed)
@@ -169,7 +169,7 @@ def train_heads(
     for step in range(steps):
         if all(history and not np.isfinite(history[-1]) for history in losses):
             break
-        index = torch.randint(len(x0), (batch,), generator=generator)
+        index = torch.randint(len(x0), (batch,), generator=generator, device=x0.device)
         _, proposal, label = proposals(model, x0[index], generator)
         hidden = None if blocks else heads[0].features(model, proposal)  # frozen features, shared
         target = label.float()

@@ -168,8 +168,6 @@ class RemaskKind(TrialKind):
 
     def run(self, chunk: Chunk, context: TrialContext) -> ChunkResult:
         from phases.diffusion.head import evaluate_heads, train_heads
-        from phases.diffusion.metrics import sample_metrics
-        from phases.diffusion.samplers import SamplerSettings, sample
 
         spec = context.spec
         params = self.validate_params(spec.params)
@@ -204,13 +202,7 @@ class RemaskKind(TrialKind):
                 entry = _head_summary(history, head_metrics.get(index), chunk.steps)
                 quality = []
                 if index in head_metrics:
-                    for steps in params.sample_steps:
-                        sampler = SamplerSettings("gstar", steps, params.schedule, params.t_on, tau=point.coords["noise"])
-                        draws = torch.Generator(device=device).manual_seed(1_000_003 * seed + steps)
-                        result = sample(model, sampler, params.samples, model.config.length, head=heads[index], generator=draws, device=device)
-                        metrics = sample_metrics(result.tokens, reference, model.config.corpus)
-                        quality.append({**metrics, "sample_steps": steps, "samples": params.samples, "denoiser_passes": result.denoiser_passes,
-                                        "head_passes": result.head_passes, "forward_passes": result.forward_passes})
+                    quality = _sample_quality(model, heads[index], reference, params, point.coords["noise"], seed, device)
                     reported = next(row for row in quality if row["sample_steps"] == params.reported_steps)
                     entry["summary"].update(reported)
                 entry["samples"] = quality
@@ -249,6 +241,26 @@ class RemaskKind(TrialKind):
             passes = sum(steps * (1 + params.t_on * head_pass) + 1 for steps in params.sample_steps)
             total += len(chunk.points) * params.samples * passes * per_sequence
         return total
+
+
+def _sample_quality(model, head, reference, params: RemaskParams, tau: float, seed: int, device: torch.device) -> list[dict[str, Any]]:
+    """Sample with G-Star at each of the params' step counts and score the samples.
+
+    The draws depend on the seed and the step count only, so every (lr, wd, tau) of a seed is
+    compared on common random numbers.
+    """
+    from phases.diffusion.metrics import sample_metrics
+    from phases.diffusion.samplers import SamplerSettings, sample
+
+    rows = []
+    for steps in params.sample_steps:
+        sampler = SamplerSettings("gstar", steps, params.schedule, params.t_on, tau=tau)
+        draws = torch.Generator(device=device).manual_seed(1_000_003 * seed + steps)
+        result = sample(model, sampler, params.samples, model.config.length, head=head, generator=draws, device=device)
+        metrics = sample_metrics(result.tokens, reference, model.config.corpus)
+        rows.append({**metrics, "sample_steps": steps, "samples": params.samples, "denoiser_passes": result.denoiser_passes,
+                     "head_passes": result.head_passes, "forward_passes": result.forward_passes})
+    return rows
 
 
 def _base_models(store: Any, device: torch.device):
