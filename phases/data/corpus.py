@@ -28,6 +28,7 @@ import re
 import sys
 import sysconfig
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,10 @@ def is_valid_statement(text: str) -> bool:
     if not text.strip():
         return False
     try:
-        ast.parse(text)
+        with warnings.catch_warnings():
+            # The parser warns about odd literals in generated samples ("1if"); they are not errors.
+            warnings.simplefilter("ignore", SyntaxWarning)
+            ast.parse(text)
     except (SyntaxError, ValueError):
         return False
     return True
