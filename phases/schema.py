@@ -99,7 +99,7 @@ QUALITY = (
     Column("unigram_entropy", pa.float64(), "nats", "entropy of the samples' word frequencies"),
     Column("mean_length", pa.float64(), "characters", "mean sample length up to the first padding token"),
     Column("denoiser_passes", pa.int64(), "passes", "denoiser forward passes per sample"),
-    Column("head_passes", pa.int64(), "passes", "backbone passes for the remasking head per sample"),
+    Column("head_passes", pa.int64(), "passes", "passes of the remasking head per sample (guided steps); each costs a backbone pass, or head_blocks / layers of one"),
     Column("forward_passes", pa.int64(), "passes", "denoiser_passes + head_passes"),
 )
 
