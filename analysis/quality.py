@@ -85,6 +85,8 @@ def quality_heatmaps(usable: pl.DataFrame, column: str, label: str, path: Path) 
     low, high = means[column].min(), means[column].max()
     if low is None:
         return None
+    if high - low < 1e-9:
+        low, high = low - 0.01, high + 0.01  # a constant map still needs a colour range
     figure, axes = plt.subplots(1, len(taus), figsize=(3.2 * len(taus) + 1, 3.0), squeeze=False)
     for ax, tau in zip(axes[0], taus):
         grid = np.full((len(wds), len(lrs)), np.nan)

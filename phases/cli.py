@@ -112,9 +112,10 @@ def _refit_sweep(store: Any) -> None:
     if not parts:
         console.print(f"[red]error:[/] {store.uri}/parts contains no finished chunks; run `phases sweep` first")
         raise typer.Exit(2)
+    spec = yaml.safe_load(store.read_text("spec.yaml"))
     trajectories, summaries, samples = compact(store, parts)
-    write_tables(store, trajectories, samples)
-    fits = analyse(store, summaries, yaml.safe_load(store.read_text("spec.yaml")), __version__, trajectories)
+    write_tables(store, trajectories, samples if spec.get("kind") == "remask" else None)
+    fits = analyse(store, summaries, spec, __version__, trajectories)
     _print_fits(fits)
     out.print(f"analysis written to {store.uri}")
 
@@ -464,8 +465,8 @@ def mdm_train_head(
                               progress=lambda step, loss: console.print(f"step {step}/{steps}: BCE {loss:.4f}"))
     metrics = evaluate_head(model, head, valid, torch.Generator().manual_seed(seed + 1))
     report = {"bce": metrics.bce, "auroc": metrics.auroc, "f1": metrics.f1, "base_rate": metrics.base_rate,
-              "f1_all_positive": metrics.f1_all_positive, "train_loss": sum(losses[-50:]) / len(losses[-50:])}
-    save_head(head, output, report)
+              "f1_all": metrics.f1_all_positive, "train_loss": sum(losses[-50:]) / len(losses[-50:])}
+    save_head(head, output, report, denoiser=model)
     out.print_json(data={key: round(value, 4) for key, value in report.items()})
     console.print(f"written {output}")
 
@@ -485,11 +486,15 @@ def mdm_sample(
     eta: Annotated[float, typer.Option(min=0.0, help="remdm: remasking rate parameter.")] = 0.015,
     seed: Annotated[int, typer.Option(help="Seed of the sampler's random draws.")] = 0,
     show: Annotated[int, typer.Option(min=0, help="Samples to print.")] = 10,
+    threads: ThreadsOption = None,
 ) -> None:
     """Sample from a denoiser with one of the samplers and print metrics and excerpts."""
     import json
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from phases.diffusion.head import load_head
     from phases.diffusion.metrics import sample_metrics
@@ -499,6 +504,8 @@ def mdm_sample(
 
     try:
         settings = SamplerSettings(sampler, steps, schedule, t_on, remdm_mode, eta, tau)
+        if sampler == "gstar" and head is None:
+            raise ValueError("the gstar sampler needs a remasking head: pass --head HEAD.pt (train one with `phases mdm train-head`)")
         model, _ = load_checkpoint(checkpoint, "denoiser")
         remask_head = load_head(head, model) if head is not None else None
         reference_path = reference or (Path("runs/mdm/reference.pt") if Path("runs/mdm/reference.pt").is_file() else None)
@@ -526,9 +533,15 @@ def mdm_compare(
     tau: Annotated[float, typer.Option(min=1e-9, help="gstar: temperature of the error logits.")] = 1.0,
     t_on: Annotated[float, typer.Option(min=0.0, max=1.0, help="star, gstar: star steps for t <= t_on.")] = 0.3,
     output: Annotated[Optional[Path], typer.Option("--out", help="Write the rows as JSON to this file and the table as Markdown next to it.")] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Compare samplers at several step counts: quality, diversity and passes per sample, over seeds."""
     import json
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from phases.diffusion.compare import compare_samplers, markdown_table
     from phases.diffusion.head import load_head
@@ -576,7 +589,10 @@ def _print_dry_run(plan: Any) -> None:
     for point in plan.points:
         coords = " ".join(f"{k}={v}" for k, v in point.coords.items() if v is not None)
         out.print(f"  point {point.point_id} {point.protocol} {coords}")
-    seconds = get_kind(plan.spec.kind).estimate_seconds(plan.chunks, plan.spec)
+    kind = get_kind(plan.spec.kind)
+    seconds = kind.estimate_seconds(plan.chunks, plan.spec)
+    for note in kind.preparation_notes(plan.spec, plan.store):
+        out.print(f"before the trials: {note}")
     workers = max(1, int((os.cpu_count() or 1) // plan.spec.resources.cpu))
     parallel = min(workers, len(plan.chunks))
     out.print(

@@ -145,9 +145,10 @@ def _write_plots(store: SweepStore, diagram: pl.DataFrame, fits: dict[str, Any])
 
 
 def write_tables(store: SweepStore, trajectories: pl.DataFrame, samples: pl.DataFrame | None = None) -> None:
-    """Write trajectories.parquet, and samples.parquet when the kind drew samples."""
+    """Write trajectories.parquet, and samples.parquet when `samples` is given (kinds that sample),
+    even with no rows, so that a sweep whose points all diverged still has the file."""
     store.write_table("trajectories.parquet", trajectories.to_arrow().cast(TRAJECTORY_SCHEMA))
-    if samples is not None and samples.height:
+    if samples is not None:
         store.write_table("samples.parquet", samples.to_arrow().cast(SAMPLES_SCHEMA))
 
 
@@ -161,6 +162,7 @@ class Sweep:
     points: pl.DataFrame
     diagram: pl.DataFrame
     fits: dict[str, Any]
+    samples: pl.DataFrame | None = None  # remask sweeps: sample quality per point and step count
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -181,6 +183,7 @@ def load_sweep(path: str | Path) -> Sweep:
         points=pl.from_arrow(store.read_table("points.parquet")),
         diagram=pl.from_arrow(store.read_table("diagram.parquet")),
         fits=store.read_json("fits.json"),
+        samples=pl.from_arrow(store.read_table("samples.parquet")) if store.exists("samples.parquet") else None,
     )
 
 

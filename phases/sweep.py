@@ -72,11 +72,12 @@ def plan_sweep(spec_or_path: SweepSpec | str | Path | dict, *, name: str | None 
     if name is not None and spec.name != name:
         spec = spec.model_copy(update={"name": name})
     points = expand(spec)
+    store = SweepStore(storage, spec.name)
     try:
-        get_kind(spec.kind).check_inputs(spec)
+        get_kind(spec.kind).check_inputs(spec, store)
     except (ValueError, FileNotFoundError) as error:
         raise SpecError(str(spec_or_path) if isinstance(spec_or_path, (str, Path)) else spec.name, "params", str(error)) from None
-    return SweepPlan(spec, SweepStore(storage, spec.name), points, chunk(points, spec.chunk_size))
+    return SweepPlan(spec, store, points, chunk(points, spec.chunk_size))
 
 
 def run_sweep(
@@ -254,7 +255,7 @@ def finish_sweep(
     store.write_json("failures.json", {"failed_chunks": failed, "missing_points": missing_points})
 
     trajectories, summaries, samples = compact(store, [c for c in plan.chunk_ids if c in finished])
-    write_tables(store, trajectories, samples)
+    write_tables(store, trajectories, samples if plan.spec.kind == "remask" else None)
     fits = analyse(store, summaries, plan.spec.resolved(), __version__, trajectories)
 
     result = SweepResult(store.uri, len(plan.points), len(plan.chunks), 0, failed, missing_points, fits)

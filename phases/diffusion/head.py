@@ -23,7 +23,7 @@ from torch import nn
 
 from phases.data.corpus import MASK
 from phases.diffusion.model import (
-    CHECKPOINT_FORMAT, EPS, MaskedDiffusionLM, ModelConfig, Transformer, load_state, mask_fraction, read_checkpoint,
+    CHECKPOINT_FORMAT, EPS, MaskedDiffusionLM, ModelConfig, Transformer, fingerprint, load_state, mask_fraction, read_checkpoint,
 )
 from phases.diffusion.samplers import draw_tokens
 
@@ -180,20 +180,31 @@ def train_heads(
             loss = F.binary_cross_entropy_with_logits(head(features), target)
             optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as error:
+                # AdamW raises when lr * update overflows the parameters' dtype (lr near 1e38 for
+                # float32): the fine-tune has diverged, which is a result, not a failure.
+                if "overflow" not in str(error):
+                    raise
+                history.append(float("inf"))
+                continue
             history.append(float(loss.detach()))
         if progress is not None and (step + 1) % max(1, steps // 5) == 0:
             progress(step + 1, float(np.mean([np.mean(history[-20:]) for history in losses])))
     return heads, losses
 
 
-def save_head(head: RemaskHead, path, metrics: dict[str, float] | None = None) -> None:
-    """Write a head checkpoint (same format as the models', kind 'head')."""
+def save_head(head: RemaskHead, path, metrics: dict[str, float] | None = None, denoiser: MaskedDiffusionLM | None = None) -> None:
+    """Write a head checkpoint (same format as the models', kind 'head'). With `denoiser`, the
+    checkpoint records its fingerprint, and `load_head` accepts the head for that denoiser only."""
     from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {"dim": head.dim, "blocks": head.blocks}
+    if denoiser is not None:
+        config["denoiser"] = fingerprint(denoiser)
     state = {"format": CHECKPOINT_FORMAT, "kind": "head", "config": config,
              "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "metrics": dict(metrics or {})}
     torch.save(state, path)
@@ -208,6 +219,9 @@ def load_head(path, model: MaskedDiffusionLM) -> RemaskHead:
         raise ValueError(f"head {path} was trained on a denoiser of width {dim}, not {model.config.dim}; train it on this denoiser")
     if blocks > model.config.layers:
         raise ValueError(f"head {path} has {blocks} copied blocks, more than this denoiser's {model.config.layers}; train it on this denoiser")
+    trained_on = state["config"].get("denoiser")
+    if trained_on is not None and trained_on != fingerprint(model):
+        raise ValueError(f"head {path} was trained on another denoiser of the same shape (weights differ); train it on this denoiser")
     head = RemaskHead(dim, blocks, model.config)
     load_state(head, state, path)
     return head.to(next(model.parameters()).device).eval()

@@ -26,12 +26,13 @@ def validity(texts: list[str]) -> float:
     return sum(is_valid_statement(t) for t in texts) / max(1, len(texts))
 
 
-def distinct_n(texts: list[str], n: int) -> float:
+def distinct_n(texts: list[str], n: int) -> float | None:
+    """Return distinct word n-grams over all word n-grams; None when the texts have no n-gram."""
     grams: list[tuple[str, ...]] = []
     for text in texts:
         words = text.split()
         grams.extend(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    return len(set(grams)) / len(grams) if grams else 0.0
+    return len(set(grams)) / len(grams) if grams else None
 
 
 def unigram_entropy(texts: list[str]) -> float:

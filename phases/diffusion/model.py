@@ -19,6 +19,7 @@ corpus it was trained on) and `state_dict`, read back with `torch.load(weights_o
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -197,6 +198,15 @@ def load_checkpoint(path: str | Path, kind: str) -> tuple[nn.Module, dict[str, A
     load_state(model, state, path)
     model.eval()
     return model, state.get("metrics", {})
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Return a SHA-256 digest of a model's weights, which names the exact model a head was trained on."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def parameter_count(model: nn.Module) -> int:

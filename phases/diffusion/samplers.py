@@ -150,8 +150,11 @@ def star_step(
         remask = torch.rand(x.shape, generator=generator, device=x.device) < m_s
     else:
         count = min(length, max(0, math.ceil(m_s * length - 1e-9)))
-        logits = torch.zeros(x.shape, device=x.device) if scores is None else scores(proposal)
-        remask = gumbel_top_k(logits, count, tau if scores is not None else 1.0, generator)
+        if count == 0:
+            remask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+        else:
+            logits = torch.zeros(x.shape, device=x.device) if scores is None else scores(proposal)
+            remask = gumbel_top_k(logits, count, tau if scores is not None else 1.0, generator)
     return torch.where(remask, torch.full_like(proposal, MASK), proposal), proposal
 
 
@@ -189,7 +192,10 @@ def sample(
                     x = mdlm_step(x, log_p, m_t, m_s, generator) if m_t > 0 else x
                     continue
                 scores = None
-                if settings.sampler == "gstar":
+                # The head only chooses which positions to mask again; a step that masks none (the
+                # last one, s = 0) needs no head pass.
+                remasks = math.ceil(m_s * length - 1e-9)
+                if settings.sampler == "gstar" and settings.exact_count and remasks > 0:
                     def scores(proposal: torch.Tensor) -> torch.Tensor:
                         return head.scores(model, proposal)
                     heads += 1

@@ -116,9 +116,14 @@ class TrialKind(abc.ABC):
         """Coordinates a point gets when its grid does not sweep that axis; `params` are the kind's."""
         return {}
 
-    def check_inputs(self, spec: SweepSpec) -> None:
+    def check_inputs(self, spec: SweepSpec, store: Any = None) -> None:
         """Check what the spec points at outside itself (data files); raise ValueError naming the
-        problem and the fix. Runs before any Ray work."""
+        problem and the fix. Runs before any Ray work. `store` is the sweep's SweepStore, whose
+        directory may not exist yet."""
+
+    def preparation_notes(self, spec: SweepSpec, store: Any) -> list[str]:
+        """Describe the work `prepare` will do, for `--dry-run`."""
+        return []
 
     def prepare(self, spec: SweepSpec, store: Any, say: Callable[[str], None]) -> None:
         """Driver-side work done once per sweep before any trial starts, such as writing files the

@@ -532,7 +532,7 @@ class NetworkKind(TrialKind):
             defaults.update(radius=1.0, wd=0.0)
         return defaults
 
-    def check_inputs(self, spec: SweepSpec) -> None:
+    def check_inputs(self, spec: SweepSpec, store: Any = None) -> None:
         """CIFAR: every batch file must exist under data_dir (checked here, on the driver)."""
         params = self.validate_params(spec.params)
         if params.compile and not any(shutil.which(name) for name in CXX_COMPILERS):

@@ -113,14 +113,19 @@ class RemaskKind(TrialKind):
     def axis_defaults(self, protocol: str, params: BaseModel | None = None) -> dict[str, Any]:
         return {"wd": 0.0, "noise": 1.0, "seed": 0}
 
-    def check_inputs(self, spec: SweepSpec) -> None:
+    def check_inputs(self, spec: SweepSpec, store: Any = None) -> None:
         params = self.validate_params(spec.params)
         for grid in spec.grids:
             if any(tau <= 0 for tau in grid.axes.get("noise", [])):
                 raise ValueError(f"noise is the G-Star temperature tau and must be > 0, got {grid.axes['noise']}")
+        record = store.read_json("base/base.json") if store is not None and store.exists("base/base.json") else {}
         configs = {}
         for role, path in (("denoiser", params.checkpoint), ("reference", params.reference)):
             if path is None:
+                continue
+            if store is not None and store.exists(BASE_FILES[role]):
+                # The sweep keeps the copy it started with, so that all its points share one model.
+                _warn_if_source_changed(role, Path(path), record.get(role, {}), store)
                 continue
             if Path(path).is_file():
                 from phases.diffusion.model import load_checkpoint
@@ -141,6 +146,18 @@ class RemaskKind(TrialKind):
                 "use a reference model of the denoiser's corpus and length"
             )
 
+    def preparation_notes(self, spec: SweepSpec, store: Any) -> list[str]:
+        params = self.validate_params(spec.params)
+        notes = []
+        for role, path, steps in self._sources(params):
+            if store.exists(BASE_FILES[role]):
+                notes.append(f"{role}: the sweep's copy {store.uri}/{BASE_FILES[role]} is used")
+            elif Path(path).is_file():
+                notes.append(f"{role}: {path} is copied to {store.uri}/{BASE_FILES[role]}")
+            else:
+                notes.append(f"{role}: {path} is missing and is pretrained first, {steps} steps, {_pretrain_estimate(params, steps)}")
+        return notes
+
     def prepare(self, spec: SweepSpec, store: Any, say: Callable[[str], None]) -> None:
         """Copy the denoiser and reference checkpoints into `<sweep>/base/`, pretraining any that is
         missing first; a sweep directory that already has them keeps its copies."""
@@ -149,13 +166,12 @@ class RemaskKind(TrialKind):
 
         params = self.validate_params(spec.params)
         record = store.read_json("base/base.json") if store.exists("base/base.json") else {}
-        for role, path, steps in (("denoiser", params.checkpoint, params.pretrain_steps), ("reference", params.reference, params.reference_steps)):
-            if path is None or store.exists(BASE_FILES[role]):
+        for role, path, steps in self._sources(params):
+            if store.exists(BASE_FILES[role]):
                 continue
             source = Path(path)
             if not source.is_file():
-                minutes = steps * 0.55 / 60  # measured at the default size on 2 cores
-                say(f"{role} {source} not found: pretraining it for {steps} steps (roughly {minutes:.0f} min on 2 cores at the default size)")
+                say(f"{role} {source} not found: pretraining it for {steps} steps, {_pretrain_estimate(params, steps)}")
                 config = ModelConfig(length=params.length, dim=params.dim, layers=params.layers, heads=params.heads, corpus=params.corpus)
                 settings = TrainSettings(steps=steps, eval_every=max(1, steps // 10))
                 pretrain(config, settings, source, reference=role == "reference", progress=say)
@@ -165,6 +181,14 @@ class RemaskKind(TrialKind):
             record[role] = {"source": str(source.resolve()), "sha256": hashlib.sha256(data).hexdigest(), "metrics": metrics}
             say(f"{role}: {source} copied to {store.uri}/{BASE_FILES[role]}")
         store.write_json("base/base.json", record)
+
+    @staticmethod
+    def _sources(params: RemaskParams) -> list[tuple[str, str, int]]:
+        """Return (role, checkpoint path, pretraining steps) of each model the sweep uses."""
+        sources = [("denoiser", params.checkpoint, params.pretrain_steps)]
+        if params.reference is not None:
+            sources.append(("reference", params.reference, params.reference_steps))
+        return sources
 
     def run(self, chunk: Chunk, context: TrialContext) -> ChunkResult:
         from phases.diffusion.head import evaluate_heads, train_heads
@@ -261,6 +285,28 @@ def _sample_quality(model, head, reference, params: RemaskParams, tau: float, se
         rows.append({**metrics, "sample_steps": steps, "samples": params.samples, "denoiser_passes": result.denoiser_passes,
                      "head_passes": result.head_passes, "forward_passes": result.forward_passes})
     return rows
+
+
+def _pretrain_estimate(params: RemaskParams, steps: int) -> str:
+    """Estimate the wall time of pretraining a model of the params' size on 2 cores."""
+    # 0.55 s per step of batch 64 at width 128, 4 blocks, L = 64, measured on 2 cores; the FLOPs
+    # scale with layers x dim^2 x length.
+    scale = params.layers * params.dim**2 * params.length / (4 * 128**2 * 64)
+    seconds = steps * 0.55 * scale
+    return f"roughly {seconds / 60:.1f} min on 2 cores" if seconds >= 60 else f"roughly {seconds:.0f} s on 2 cores"
+
+
+def _warn_if_source_changed(role: str, source: Path, record: dict[str, Any], store: Any) -> None:
+    """Log a warning when the checkpoint a sweep was started from no longer matches its copy."""
+    if not source.is_file():
+        logger.info("%s %s not found; the sweep uses its copy %s/%s", role, source, store.uri, BASE_FILES[role])
+        return
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    if record.get("sha256") and digest != record["sha256"]:
+        logger.warning(
+            "%s %s has changed since this sweep copied it to %s/%s; the sweep keeps using its copy so that all its "
+            "points share one model. Run with another --name to use the new file.", role, source, store.uri, BASE_FILES[role]
+        )
 
 
 def _base_models(store: Any, device: torch.device):

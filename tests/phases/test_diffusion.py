@@ -92,9 +92,10 @@ def test_gstar_sampler_counts_passes(tiny):
     result = sample(tiny, settings, 20, 16, head=head, generator=torch.Generator().manual_seed(3))
     assert result.tokens.shape == (20, 16)
     assert not (result.tokens == MASK).any()
-    # Steps at t = 1, 0.875, ..., 0.125: those with t <= 0.5 (4 of 8) are guided and add a head pass.
+    # Steps at t = 1, 0.875, ..., 0.125: those with t <= 0.5 (4 of 8) are star steps. The last one
+    # (to s = 0) masks nothing, so only 3 need the head.
     assert result.denoiser_passes == 8
-    assert result.head_passes == 4
+    assert result.head_passes == 3
     with pytest.raises(ValueError, match="needs a remasking head"):
         sample(tiny, SamplerSettings("gstar", steps=4), 2, 16)
 
@@ -225,6 +226,12 @@ def test_head_training_and_checkpoint(tiny, tmp_path):
     wider = MaskedDiffusionLM(ModelConfig(length=16, dim=64, layers=1, heads=2))
     with pytest.raises(ValueError, match="was trained on a denoiser of width 32, not 64"):
         load_head(tmp_path / "head.pt", wider)
+    save_head(head, tmp_path / "pinned.pt", denoiser=tiny)
+    assert torch.equal(load_head(tmp_path / "pinned.pt", tiny)(hidden), head(hidden))
+    torch.manual_seed(1)
+    twin = MaskedDiffusionLM(ModelConfig(length=16, dim=32, layers=1, heads=2))
+    with pytest.raises(ValueError, match="trained on another denoiser of the same shape"):
+        load_head(tmp_path / "pinned.pt", twin)
 
 
 def test_head_with_copied_blocks(tmp_path):
@@ -254,8 +261,8 @@ def test_head_with_copied_blocks(tmp_path):
     loaded = load_head(tmp_path / "head.pt", model)
     assert loaded.blocks == 1
     assert torch.allclose(loaded.scores(model, proposal), head.eval().scores(model, proposal))
-    result = sample(model, SamplerSettings("gstar", steps=4), 5, 16, head=loaded, generator=torch.Generator().manual_seed(0))
-    assert result.head_passes == 1
+    result = sample(model, SamplerSettings("gstar", steps=8, t_on=0.5), 5, 16, head=loaded, generator=torch.Generator().manual_seed(0))
+    assert result.head_passes == 3
     with pytest.raises(ValueError, match="head blocks must be between 0 and the denoiser's 2 layers, got 3"):
         RemaskHead.from_denoiser(model, blocks=3)
     shallow = MaskedDiffusionLM(ModelConfig(length=16, dim=32, layers=1, heads=2))
@@ -295,9 +302,10 @@ def test_mdm_commands_pretrain_and_sample(tmp_path):
     assert 0.0 <= report["auroc"] <= 1.0
     assert report["base_rate"] > 0
     result = runner.invoke(app, ["mdm", "sample", "--checkpoint", str(tmp_path / "d.pt"), "--head", str(tmp_path / "h.pt"),
-                                 "--sampler", "gstar", "--steps", "4", "--count", "4", "--show", "0"])
+                                 "--sampler", "gstar", "--steps", "4", "--t-on", "0.5", "--count", "4", "--show", "0"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["head_passes"] == 1  # of t = 1, 0.75, 0.5, 0.25, only 0.25 <= t_on = 0.3
+    # Of t = 1, 0.75, 0.5 and 0.25, the last two are star steps; the last masks nothing, so one head pass.
+    assert json.loads(result.stdout)["head_passes"] == 1
     result = runner.invoke(app, ["mdm", "sample", "--checkpoint", str(tmp_path / "r.pt")])
     assert result.exit_code == 2
     assert "contains a 'reference' model, but a 'denoiser' model is needed" in " ".join(result.output.split())
@@ -317,5 +325,5 @@ def test_compare_samplers_reports_mean_and_std(tiny):
         assert row["validity_mean"] == pytest.approx(np.mean(row["validity_per_seed"]))
         assert row["reference_perplexity_mean"] is None  # no reference model given
     assert rows[0]["forward_passes"] == 4
-    assert rows[1]["head_passes"] == 2  # t = 0.5 and 0.25 are <= t_on
-    assert "| gstar | 4 | 6 |" in markdown_table(rows)
+    assert rows[1]["head_passes"] == 1  # t = 0.5 and 0.25 are <= t_on, and the step from 0.25 masks nothing
+    assert "| gstar | 4 | 5 |" in markdown_table(rows)

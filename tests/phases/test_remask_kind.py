@@ -53,8 +53,9 @@ def _store_with_base(models, tmp_path) -> SweepStore:
 
 
 def _head_passes(steps: int, t_on: float = 0.3) -> int:
-    # G-Star guides the steps t -> s with t <= t_on, t = 1 - i / steps.
-    return sum(1 for i in range(steps) if 1 - i / steps <= t_on + 1e-12)
+    # G-Star guides the steps t -> s with t <= t_on, t = 1 - i / steps, except the last (s = 0),
+    # which masks nothing.
+    return sum(1 for i in range(steps - 1) if 1 - i / steps <= t_on + 1e-12)
 
 
 def test_shared_heads_and_chunking(models, tmp_path):
@@ -79,13 +80,51 @@ def test_shared_heads_and_chunking(models, tmp_path):
 
 
 def test_head_with_copied_block_samples(models, tmp_path):
-    spec = _spec(models, {"lr": [3e-3], "noise": [1.0]}, head_blocks=1)
+    spec = _spec(models, {"lr": [3e-3], "noise": [1.0]}, head_blocks=1, t_on=0.6)
     store = _store_with_base(models, tmp_path)
     part = chunk(expand(spec), 4)[0]
     result = KIND.run(part, TrialContext(spec, store=store))
     summary = result.summaries[part.points[0].point_id]
     assert 0.0 <= summary["head_auroc"] <= 1.0
-    assert summary["head_passes"] == _head_passes(4)
+    assert summary["head_passes"] == _head_passes(4, 0.6)
+    assert summary["head_passes"] == 1
+
+
+def test_diverging_head_is_data(models, tmp_path):
+    # lr = 1e38 overflows AdamW's float32 update at the first step: that point is diverged and has
+    # no samples, and its neighbour in the chunk is unaffected.
+    spec = _spec(models, {"lr": [1e-2, 1e38]})
+    store = _store_with_base(models, tmp_path)
+    part = chunk(expand(spec), 4)[0]
+    result = KIND.run(part, TrialContext(spec, store=store))
+    tame, wild = (result.summaries[p.point_id] for p in part.points)
+    assert wild["diverged"]
+    assert wild["diverged_step"] == 1
+    assert result.samples[part.points[1].point_id] == []
+    assert not tame["diverged"]
+    assert 0.0 <= tame["validity"] <= 1.0
+
+
+def test_rerun_keeps_base_copy(models, tmp_path, caplog):
+    # A sweep directory that has its base/ copies needs no source file, and a changed source is
+    # reported, not used.
+    import shutil
+
+    from phases.sweep import plan_sweep
+
+    source = tmp_path / "denoiser.pt"
+    shutil.copy(models / "denoiser.pt", source)
+    spec = _spec(models, {"lr": [1e-2]}, checkpoint=str(source))
+    plan = plan_sweep(spec, storage=tmp_path)
+    plan.store.makedirs()
+    KIND.prepare(spec, plan.store, lambda message: None)
+    source.unlink()
+    plan_sweep(spec, storage=tmp_path)  # no error: the sweep has its copy
+    shutil.copy(models / "reference.pt", source)  # another file under the same name
+    with caplog.at_level("WARNING", logger="phases.trials.remask"):
+        plan_sweep(spec, storage=tmp_path)
+    assert "has changed since this sweep copied it" in caplog.text
+    assert (tmp_path / "remask" / "base" / "denoiser.pt").read_bytes() == (models / "denoiser.pt").read_bytes()
 
 
 def test_retried_trial_resumes_after_its_last_finished_seed(models, tmp_path):
