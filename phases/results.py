@@ -89,7 +89,7 @@ def analyse(
 
 
 def _analyse_quality(store: SweepStore, summaries: pl.DataFrame, spec: dict[str, Any], version: str) -> dict[str, Any]:
-    """The remask kind's analysis: no thermodynamics, a diagram of sample quality over lr x wd x tau.
+    """Analyse a remask sweep: no thermodynamics, a diagram of sample quality over lr x wd x tau.
 
     A point whose head diverged gets regime `divergent`; the others have no regime (null).
     """
