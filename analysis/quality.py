@@ -51,8 +51,8 @@ def quality_summary(diagram: pl.DataFrame, samples: pl.DataFrame | None) -> dict
         rows = usable.group_by(axis).agg(pl.col("validity").mean(), pl.col("distinct_2").mean(), pl.col("head_auroc").mean()).sort(axis)
         summary[f"by_{axis}"] = rows.to_dicts()
     if samples is not None and samples.height:
-        kept = samples.join(usable.select("point_id"), on="point_id", how="semi")
-        rows = kept.group_by(["noise", "sample_steps"]).agg(
+        usable_samples = samples.join(usable.select("point_id"), on="point_id", how="semi")
+        rows = usable_samples.group_by(["noise", "sample_steps"]).agg(
             pl.col("validity").mean(), pl.col("distinct_2").mean(), pl.col("forward_passes").mean()
         ).sort(["noise", "sample_steps"])
         summary["by_noise_and_steps"] = rows.to_dicts()

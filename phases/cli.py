@@ -374,15 +374,20 @@ SeedOption = Annotated[int, typer.Option(help="Seed of the initial weights and t
 ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: all cores).")]
 
 
+def _set_threads(threads: Optional[int]) -> None:
+    """Set torch's intra-op threads when --threads is given; otherwise torch uses every core."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _pretrain(reference: bool, corpus: str, length: int, dim: int, layers: int, heads: int, steps: int, batch: int, lr: float,
               seed: int, out: Path, threads: Optional[int]) -> None:
-    import torch
-
     from phases.diffusion.model import ModelConfig
     from phases.diffusion.train import TrainSettings, pretrain
 
-    if threads:
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     try:
         if dim % heads:
             raise ValueError(f"--dim {dim} must be a multiple of --heads {heads}")
@@ -449,8 +454,7 @@ def mdm_train_head(
     from phases.diffusion.head import evaluate_head, save_head, train_head
     from phases.diffusion.model import load_checkpoint
 
-    if threads:
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     try:
         model, _ = load_checkpoint(checkpoint, "denoiser")
         if blocks > model.config.layers:
@@ -493,8 +497,7 @@ def mdm_sample(
 
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    _set_threads(threads)
 
     from phases.diffusion.head import load_head
     from phases.diffusion.metrics import sample_metrics
@@ -538,15 +541,12 @@ def mdm_compare(
     """Compare samplers at several step counts: quality, diversity and passes per sample, over seeds."""
     import json
 
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-
     from phases.diffusion.compare import compare_samplers, markdown_table
     from phases.diffusion.head import load_head
     from phases.diffusion.model import load_checkpoint
     from phases.diffusion.samplers import SamplerSettings
+
+    _set_threads(threads)
 
     try:
         model, _ = load_checkpoint(checkpoint, "denoiser")

@@ -13,8 +13,9 @@ from phases.trials.base import ChunkResult
 
 
 def part_table(chunk: Chunk, result: ChunkResult) -> pa.Table:
-    """Build a chunk's part table: one row per point, its trajectory and its sample quality (one
-    entry per sampling step count; empty for kinds that do not sample) as lists of structs."""
+    """Build a chunk's part table: one row per point, with its trajectory and its sample quality as
+    lists of structs. Sample quality has one entry per sampling step count, or none for kinds that
+    do not sample."""
     rows: list[dict[str, Any]] = []
     for point in chunk.points:
         summary = result.summaries[point.point_id]

@@ -245,7 +245,7 @@ class RemaskKind(TrialKind):
         """Estimate single-core seconds from the FLOPs of the backbone passes.
 
         NOTE: the FLOPs come from the params' model size (dim, layers, length), not from the
-        checkpoint's; a checkpoint of another size is off by the ratio of the two.
+        checkpoint's. A checkpoint of another size makes the estimate off by the ratio of the two.
         """
         params = self.validate_params(spec.params)
         flops_per_token = 24 * params.layers * params.dim**2
